@@ -1,0 +1,1 @@
+"""xmerge: distill, register and merge hybrid xLSTM experts."""
