@@ -1,0 +1,77 @@
+"""Decode cache of the hybrid student: memory independent of the generated length.
+
+Per layer: the mLSTM state (C, n, m), a ring buffer of the last W rotated keys/values, and the
+S sink keys/values. All buffers are allocated once at their final size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xmerge.modeling.mlstm import MLSTMState, empty_state
+
+
+@dataclass
+class LayerCache:
+    mlstm: MLSTMState  # C (B, H, D, D), n (B, H, D), m (B, H)
+    ring_k: torch.Tensor  # (B, Hkv, W, D), slot = position % W
+    ring_v: torch.Tensor
+    ring_pos: torch.Tensor  # (W,) absolute position held by each slot, -1 = empty
+    sink_k: torch.Tensor  # (B, Hkv, S, D)
+    sink_v: torch.Tensor
+    sink_pos: torch.Tensor  # (B, S) absolute position of each sink, -1 = not seen yet
+
+
+class HybridCache:
+    """State of every layer plus the number of positions seen and each row's first real index."""
+
+    is_compileable = False
+
+    def __init__(self, config, batch_size: int, start: torch.Tensor, *, device, dtype):
+        H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        W, S = config.window, config.sinks
+        self.seen = 0
+        self.start = start  # (B,)
+        self.layers = [
+            LayerCache(
+                mlstm=empty_state(batch_size, H, D, D, device=device, dtype=torch.float32),
+                ring_k=torch.zeros(batch_size, Hkv, W, D, device=device, dtype=dtype),
+                ring_v=torch.zeros(batch_size, Hkv, W, D, device=device, dtype=dtype),
+                ring_pos=torch.full((W,), -1, device=device, dtype=torch.long),
+                sink_k=torch.zeros(batch_size, Hkv, S, D, device=device, dtype=dtype),
+                sink_v=torch.zeros(batch_size, Hkv, S, D, device=device, dtype=dtype),
+                sink_pos=torch.full((batch_size, S), -1, device=device, dtype=torch.long),
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of the cache."""
+        total = self.start.numel() * self.start.element_size()
+        for layer in self.layers:
+            for t in (*layer.mlstm, layer.ring_k, layer.ring_v, layer.ring_pos, layer.sink_k, layer.sink_v, layer.sink_pos):
+                total += t.numel() * t.element_size()
+        return total
+
+    @staticmethod
+    def write_window(layer: LayerCache, k, v, positions: torch.Tensor) -> None:
+        """Keep the last W of the new rotated keys/values (k, v: (B, Hkv, T, D)) in the ring."""
+        W = layer.ring_pos.shape[0]
+        k, v, positions = k[:, :, -W:], v[:, :, -W:], positions[-W:]
+        slots = positions % W
+        layer.ring_k.index_copy_(2, slots, k.to(layer.ring_k.dtype))
+        layer.ring_v.index_copy_(2, slots, v.to(layer.ring_v.dtype))
+        layer.ring_pos.index_copy_(0, slots, positions)
+
+    @staticmethod
+    def write_sinks(layer: LayerCache, sink_k, sink_v, sink_pos) -> None:
+        """Fill the sink slots that the new tokens provide (sink_pos >= 0)."""
+        new = sink_pos >= 0
+        layer.sink_k.copy_(torch.where(new[:, None, :, None], sink_k.to(layer.sink_k.dtype), layer.sink_k))
+        layer.sink_v.copy_(torch.where(new[:, None, :, None], sink_v.to(layer.sink_v.dtype), layer.sink_v))
+        layer.sink_pos.copy_(torch.where(new, sink_pos, layer.sink_pos))

@@ -1,0 +1,187 @@
+"""The student: exactness against the teacher, the three mLSTM forms, the cache, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common import tiny_student, tiny_teacher, tiny_tokenizer
+from xmerge.modeling.convert import convert_teacher, save_student
+from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
+from xmerge.modeling.swa import swa_reference
+from xmerge.modeling.student import is_new_parameter
+
+FAMILIES = ["llama", "qwen2", "olmo2"]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swa_student_with_full_window_equals_teacher(family):
+    teacher = tiny_teacher(family)
+    student = convert_teacher(teacher, mixer="swa", window=64)
+    ids = torch.randint(0, 259, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_with_output_gate_zero_equals_teacher(family):
+    """DESIGN invariant: W >= sequence length and o forced to 0 gives the teacher's logits."""
+    teacher = tiny_teacher(family)
+    student = convert_teacher(teacher, window=64)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.self_attn.ogate.weight.zero_()
+            layer.self_attn.ogate.bias.fill_(-1e4)  # σ = 0 exactly in fp32
+    ids = torch.randint(0, 259, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_padding_matches_unpadded():
+    """Left padding: each row's logits equal the same row run alone."""
+    student = tiny_student("llama", window=8, sinks=2)
+    a = torch.randint(0, 259, (1, 20))
+    b = torch.randint(0, 259, (1, 13))
+    ids = torch.cat([a, torch.cat([torch.full((1, 7), 256), b], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        both = student(ids, attention_mask=mask).logits
+        torch.testing.assert_close(both[0], student(a).logits[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both[1, 7:], student(b).logits[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="left padding"):
+        student(ids, attention_mask=mask.flip(1))
+
+
+def test_conversion_is_bit_identical_and_copies_teacher():
+    teacher = tiny_teacher("qwen2")
+    s1, s2 = convert_teacher(teacher, seed=3), convert_teacher(teacher, seed=3)
+    s3 = convert_teacher(teacher, seed=4)
+    st1, st2, st3 = s1.state_dict(), s2.state_dict(), s3.state_dict()
+    assert all(torch.equal(st1[k], st2[k]) for k in st1)
+    assert any(not torch.equal(st1[k], st3[k]) for k in st1 if is_new_parameter(k))
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(st1[name], tensor), name
+
+
+def test_save_load_round_trip(tmp_path):
+    student = tiny_student("olmo2", window=16)
+    out = save_student(student, tiny_tokenizer(), tmp_path / "student", teacher_spec="tiny-olmo2")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "tiny-olmo2" in (out / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "XLSTMStudentForCausalLM"
+    ids = torch.randint(0, 259, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+def _mlstm_inputs(B=2, H=3, S=37, DK=8, DV=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.randn(B, H, S, DK, generator=g, dtype=torch.float64), -1)
+    k = torch.softmax(torch.randn(B, H, S, DK, generator=g, dtype=torch.float64), -1)
+    v = torch.randn(B, H, S, DV, generator=g, dtype=torch.float64)
+    i = torch.randn(B, H, S, generator=g, dtype=torch.float64) * 2
+    f = torch.randn(B, H, S, generator=g, dtype=torch.float64) + 3
+    return [t.requires_grad_() for t in (q, k, v, i, f)]
+
+
+@pytest.mark.parametrize("S,chunk", [(37, 8), (37, 16), (64, 64), (5, 16), (50, 1)])
+def test_mlstm_forms_agree_forward_and_gradients(S, chunk):
+    inputs = _mlstm_inputs(S=S)
+    ref = mlstm_parallel(*inputs)
+    grads_ref = torch.autograd.grad(ref.square().sum(), inputs)
+    chunked, _ = mlstm_chunkwise(*inputs, chunk_size=chunk)
+    grads_chunk = torch.autograd.grad(chunked.square().sum(), inputs)
+    rec, _ = mlstm_recurrent(*inputs)
+    grads_rec = torch.autograd.grad(rec.square().sum(), inputs)
+    torch.testing.assert_close(chunked, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rec, ref, rtol=1e-10, atol=1e-12)
+    for gc, gr, g0 in zip(grads_chunk, grads_rec, grads_ref):
+        torch.testing.assert_close(gc, g0, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gr, g0, rtol=1e-9, atol=1e-11)
+
+
+def test_mlstm_state_passing_and_padding():
+    q, k, v, i, f = [t.detach() for t in _mlstm_inputs(S=40)]
+    full, state_full = mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    h1, st = mlstm_chunkwise(q[..., :23, :], k[..., :23, :], v[..., :23, :], i[..., :23], f[..., :23], chunk_size=16)
+    h2, st2 = mlstm_recurrent(q[..., 23:, :], k[..., 23:, :], v[..., 23:, :], i[..., 23:], f[..., 23:], state=st)
+    torch.testing.assert_close(torch.cat([h1, h2], -2), full, rtol=1e-10, atol=1e-12)
+    for a, b in zip(st2, state_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # -inf input gates (padding) on a prefix: outputs there are 0, the rest as if the prefix were absent
+    i_pad = i.clone()
+    i_pad[..., :10] = float("-inf")
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, i_pad, f)]
+    out, _ = mlstm_chunkwise(*inputs, chunk_size=8)
+    assert torch.all(out[..., :10, :] == 0)
+    alone = mlstm_parallel(q[..., 10:, :], k[..., 10:, :], v[..., 10:, :], i[..., 10:], f[..., 10:])
+    torch.testing.assert_close(out[..., 10:, :], alone, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_window_sink_attention_matches_dense_oracle():
+    student = tiny_student("llama", mixer="swa", window=5, sinks=3)
+    attn = student.model.layers[0].self_attn
+    B, T = 2, 19
+    x = torch.randn(B, T, 64)
+    pos = torch.arange(T)
+    start = torch.tensor([0, 4])
+    cos, sin = student.model.rotary_emb(x, (pos[None] - start[:, None]).clamp(min=0))
+    with torch.no_grad():
+        _, _, (q, k), v = attn.project(x, cos, sin)
+        ours = attn._swa(q, k, v, pos, start, None, window=5)
+        ref = swa_reference(q, k, v, window=5, sinks=3, start=start)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1, :, 4:], ref[1, :, 4:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+def test_greedy_generate_with_cache_equals_recompute(mixer):
+    student = tiny_student("qwen2", mixer=mixer, window=6, sinks=2, chunk_size=4)
+    prompt = torch.randint(0, 259, (1, 9))
+    with torch.no_grad():
+        out = student.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=256)
+        ids = prompt
+        for _ in range(14):  # no cache: recompute the whole sequence each step
+            nxt = student(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert out.shape[1] == 23  # crossed the window (6) several times
+    assert torch.equal(out, ids)
+
+
+def test_batched_generate_with_left_padding_matches_single():
+    student = tiny_student("llama", window=6, sinks=2)
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["the quick brown fox", "hi"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = student.generate(**batch, max_new_tokens=10, do_sample=False, eos_token_id=None)
+        for row, prompt in enumerate(prompts):
+            single = tok(prompt, return_tensors="pt")
+            alone = student.generate(**single, max_new_tokens=10, do_sample=False, eos_token_id=None)
+            assert torch.equal(out[row, -10:], alone[0, -10:])
+
+
+def test_cache_memory_independent_of_generated_length():
+    student = tiny_student("llama", window=16, sinks=4)
+    with torch.no_grad():
+        cache_sizes = {}
+        for n in (100, 1000):
+            out = student(torch.randint(0, 259, (1, 8)), use_cache=True)
+            cache = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            for _ in range(n):
+                out = student(tok, past_key_values=cache)
+                tok = out.logits[:, -1:].argmax(-1)
+            assert cache.seen == 8 + n
+            cache_sizes[n] = cache.nbytes()
+    assert cache_sizes[100] == cache_sizes[1000] > 0
