@@ -1,0 +1,189 @@
+"""The `chat` preset's documents: built-in instructions answered by the teacher itself.
+
+Answers are generated once, greedily, with the teacher's chat template and cached as jsonl
+under `cache_dir/chat/<key>.jsonl`, key = sha256(teacher hash, tokenizer vocab hash, prompt
+list, max_new_tokens), so a second load never runs the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from xmerge.errors import XmergeError
+
+CHAT_PROMPTS: tuple[str, ...] = (
+    "Explain why the sky looks blue during the day.",
+    "Give three tips for staying focused while studying.",
+    "What is the difference between weather and climate?",
+    "Write a short poem about a rainy afternoon.",
+    "How do I boil an egg so the yolk stays soft?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What does a compiler do?",
+    "Suggest a name for a small bakery that sells bread and coffee.",
+    "Explain photosynthesis to a ten-year-old.",
+    "List five fruits that are high in vitamin C.",
+    "How can I politely decline an invitation to a party?",
+    "What is the capital of Canada, and why was it chosen?",
+    "Write a haiku about the ocean.",
+    "Describe how a bicycle stays upright when it moves.",
+    "What are the main causes of inflation?",
+    "Give me a simple recipe for tomato soup.",
+    "Explain what a prime number is with two examples.",
+    "How should I prepare for a job interview?",
+    "Translate 'Good morning, how are you?' into French.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a two-sentence horror story.",
+    "Why do we have leap years?",
+    "Explain the rules of tic-tac-toe.",
+    "What are some ways to reduce plastic waste at home?",
+    "Describe the water cycle in simple steps.",
+    "Write a thank-you note to a teacher.",
+    "What is machine learning, in one paragraph?",
+    "How does a refrigerator keep food cold?",
+    "Give three arguments for learning a second language.",
+    "What happens when you mix baking soda and vinegar?",
+    "Explain what a function is in mathematics.",
+    "Write a short story opening about a lost key.",
+    "How do vaccines help the body fight disease?",
+    "What is the tallest mountain in the world, and where is it?",
+    "Suggest a weekend plan for someone who likes hiking.",
+    "Explain the difference between speed and velocity.",
+    "Write a product description for a reusable water bottle.",
+    "What are the planets of the solar system, in order?",
+    "How do I make a good first impression at a new job?",
+    "Explain what recursion is and give a tiny example.",
+    "Why do leaves change color in autumn?",
+    "Write a limerick about a cat who loves cheese.",
+    "What is the purpose of a budget, and how do I start one?",
+    "Describe the taste of a lemon to someone who has never had one.",
+    "Explain how a rainbow forms.",
+    "Give five ideas for a child's birthday party.",
+    "What is the difference between an atom and a molecule?",
+    "How do I write a clear email to ask for a deadline extension?",
+    "Explain the idea of supply and demand.",
+    "Write a motivational message for someone starting to run.",
+    "What are good habits for healthy sleep?",
+    "How does the internet send a message from one computer to another?",
+    "Explain what the Pythagorean theorem says.",
+    "Write a short dialogue between a robot and a gardener.",
+    "What were the main effects of the printing press?",
+    "How can I keep houseplants alive?",
+    "Explain what a noun, a verb and an adjective are.",
+    "Give a brief history of the bicycle.",
+    "What is a black hole?",
+    "Write a four-line poem about friendship.",
+    "How do I calculate the average of a list of numbers?",
+    "Explain why exercise is good for the brain.",
+    "Describe a typical day of a lighthouse keeper.",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest three board games for a family evening.",
+    "Explain how to change a flat tire on a car.",
+    "What does 'opportunity cost' mean?",
+    "Write a riddle and give its answer.",
+    "How do bees make honey?",
+    "Explain what an API is using a restaurant analogy.",
+    "What are the benefits of reading every day?",
+    "Describe the smell of a forest after rain.",
+    "How do I convert Celsius to Fahrenheit?",
+    "Explain why the moon has phases.",
+    "Write a short speech for a friend's wedding toast.",
+    "What is the difference between renewable and non-renewable energy?",
+    "How can a team resolve a disagreement calmly?",
+    "Explain what a sorting algorithm does, with one example.",
+    "Give three facts about octopuses.",
+    "Write a short review of an imaginary restaurant.",
+    "What is democracy?",
+    "How do I start learning to play the guitar?",
+    "Explain why ice floats on water.",
+    "Describe the steps to plant a tree.",
+    "What is the role of the heart in the human body?",
+    "Write an apology message for missing a meeting.",
+    "Explain what a percentage is with an example.",
+    "What are the main differences between cats and dogs as pets?",
+    "How do airplanes stay in the air?",
+    "Give some advice to a student who feels stressed before exams.",
+    "Explain what a variable is in programming.",
+    "Write a bedtime story about a sleepy dragon in three sentences.",
+    "What causes earthquakes?",
+    "How can I save money on groceries?",
+    "Explain the difference between 'affect' and 'effect'.",
+    "Describe what a museum curator does.",
+    "What is the greenhouse effect?",
+    "Write a short letter to your future self.",
+    "How does a battery store energy?",
+    "Give three ways to be kinder to strangers.",
+    "Explain what a fraction is to a child.",
+    "What are the first steps to start a vegetable garden?",
+    "Why is the ocean salty?",
+    "Write a slogan for a library reading program.",
+    "Explain the difference between RAM and storage in a computer.",
+    "How do I tie a simple knot to secure a boat?",
+    "What is the role of a referee in a football match?",
+    "Describe the life cycle of a butterfly.",
+    "Write instructions for making a paper airplane.",
+    "What is a metaphor? Give an example.",
+    "How can I improve my handwriting?",
+    "Explain why we see lightning before we hear thunder.",
+    "Give a short overview of the Roman Empire.",
+    "What should I pack for a three-day camping trip?",
+    "Explain how compound interest works.",
+    "Write a cheerful message for a coworker's birthday.",
+    "What is the difference between a lake and a sea?",
+    "How do I stay safe when swimming in the sea?",
+    "Explain what a hash function is in simple terms.",
+    "Describe a sunset over a city in one paragraph.",
+)
+HELDOUT_PERCENT = 20  # the prompt set is small; a fifth keeps the held-out split fillable
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """`messages` rendered with the tokenizer's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise XmergeError("the tokenizer has no chat template, so chat 'messages' cannot be rendered; "
+                          "use records with a 'text' field or a tokenizer that ships a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@torch.inference_mode()
+def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+                   progress: bool = True) -> list[str]:
+    """Greedy answers of `model` to each prompt, asked through its chat template."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("teacher answers chat prompts", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            batch = [render_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+                     for p in prompts[start:start + batch_size]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            bar.advance(task, len(batch))
+    return answers
+
+
+def chat_conversations(model, tokenizer, *, cache_dir: Path, teacher_hash: str, tokenizer_hash: str,
+                       max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
+    """[{prompt, answer}] for every built-in prompt, from the cache or generated once and cached."""
+    key = hashlib.sha256(json.dumps(
+        ["chat/v1", teacher_hash, tokenizer_hash, list(CHAT_PROMPTS), max_new_tokens]).encode()).hexdigest()
+    path = Path(cache_dir) / "chat" / f"{key}.jsonl"
+    if path.exists():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    answers = answer_prompts(model, tokenizer, list(CHAT_PROMPTS), max_new_tokens=max_new_tokens,
+                             progress=progress)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(CHAT_PROMPTS, answers)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return rows
