@@ -1,0 +1,146 @@
+"""Benchmark the kernels against their anchors, on one GPU, in one run (bf16, median of do_bench).
+
+mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py) vs FLA ``chunk_simple_gla`` (fla-core)
+and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
+(kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
+
+    python benchmarks/kernels_mlstm.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
+from xmerge.kernels.swa import swa_attention
+from xmerge.modeling.mlstm import mlstm_chunkwise
+
+SHAPES = [(8, 9, 8192, 64), (1, 9, 65536, 64), (1, 32, 65536, 128)]
+WINDOW, SINKS = 512, 4
+
+
+def ms(fn, grads=None) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grads, return_mode="median")
+
+
+def attempt(fn, grads=None) -> float | str:
+    try:
+        return ms(fn, grads)
+    except Exception as e:  # an anchor that fails is a result, not a crash
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def mlstm_inputs(B, H, S, D, requires_grad=False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, S, D, device="cuda", generator=g).softmax(-1).bfloat16()
+    k = torch.randn(B, H, S, D, device="cuda", generator=g).softmax(-1).bfloat16()
+    v = torch.randn(B, H, S, D, device="cuda", generator=g).bfloat16()
+    i_pre = torch.randn(B, H, S, device="cuda", generator=g)
+    f_pre = torch.randn(B, H, S, device="cuda", generator=g) + 3.0
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, i_pre, f_pre)]
+
+
+def fw_bw(fn, xs):
+    def step():
+        out = fn(*xs)
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+def bench_ours(B, H, S, D) -> dict:
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+    row = {}
+    with torch.no_grad():
+        row["ours_fw"] = ms(lambda: mlstm_chunkwise_triton(*xs))
+        h, _ = mlstm_chunkwise_triton(*xs)
+        h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
+        row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
+    row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
+    return row
+
+
+def bench_fla(B, H, S, D) -> dict:
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:
+        return {"fla": f"import failed: {type(e).__name__}: {e}"}
+    q, k, v, _, f_pre = mlstm_inputs(B, H, S, D)
+    qf, kf, vf = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # FLA layout (B, T, H, D)
+    gf = F.logsigmoid(f_pre).transpose(1, 2).contiguous().requires_grad_()
+    xs = [qf, kf, vf, gf]
+    row = {}
+    with torch.no_grad():
+        row["fla_fw"] = attempt(lambda: chunk_simple_gla(*xs))
+    row["fla_fwbw"] = attempt(fw_bw(lambda *a: chunk_simple_gla(*a)[0], xs), xs)
+    if isinstance(row["fla_fwbw"], str) and fla_chunk_o.IS_NVIDIA_HOPPER:
+        # FLA refuses its gated backward on Hopper + Triton < 3.7.1 (wrong results, FLA #640);
+        # time it anyway with the guard lifted: a speed anchor only, its gradients are not used.
+        fla_chunk_o.IS_NVIDIA_HOPPER = False
+        row["fla_fwbw_guard_lifted"] = attempt(fw_bw(lambda *a: chunk_simple_gla(*a)[0], xs), xs)
+        fla_chunk_o.IS_NVIDIA_HOPPER = True
+    return row
+
+
+def bench_xl_chunk(B, H, S, D) -> dict:
+    try:
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+    except Exception as e:
+        return {"xl_fw": f"import failed: {type(e).__name__}: {e}"}
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+
+    def xl(*a):
+        return mlstm_chunkwise__xl_chunk(*a, autocast_kernel_dtype=torch.bfloat16)
+
+    row = {}
+    with torch.no_grad():
+        row["xl_fw"] = attempt(lambda: xl(*xs))
+    row["xl_fwbw"] = attempt(fw_bw(xl, xs), xs)
+    return row
+
+
+def bench_attention(B, H, S, D) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xs = [torch.randn(B, H, S, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    row = {}
+    with torch.no_grad():
+        row["swa_fw"] = ms(lambda: swa_attention(*xs, WINDOW, SINKS))
+        row["sdpa_fw"] = ms(lambda: F.scaled_dot_product_attention(*xs, is_causal=True))
+    row["swa_fwbw"] = ms(fw_bw(lambda *a: swa_attention(*a, WINDOW, SINKS), xs), xs)
+    row["sdpa_fwbw"] = ms(fw_bw(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), xs), xs)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write all rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for B, H, S, D in SHAPES:
+        row = {"shape": [B, H, S, D]}
+        for part in (bench_ours, bench_fla, bench_xl_chunk, bench_attention):
+            row |= part(B, H, S, D)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "window": WINDOW,
+        "sinks": SINKS,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
