@@ -76,6 +76,8 @@ def convert_teacher(teacher, *, window: int = 512, sinks: int = 4, seed: int = 0
     student = XLSTMStudentForCausalLM(config)
     student_params = dict(student.named_parameters())
     teacher_state = {k: v for k, v in teacher.state_dict().items() if "rotary_emb" not in k}
+    if config.tie_word_embeddings:  # the tied head is the embedding; state_dict lists it twice
+        teacher_state.pop("lm_head.weight", None)
     for name, tensor in teacher_state.items():
         if name not in student_params:
             raise XmergeError(f"teacher tensor {name} has no place in the student (unsupported variant of {config.teacher_family})")
@@ -83,8 +85,6 @@ def convert_teacher(teacher, *, window: int = 512, sinks: int = 4, seed: int = 0
             raise XmergeError(f"teacher tensor {name} has shape {tuple(tensor.shape)}, student expects {tuple(student_params[name].shape)}")
         student_params[name].copy_(tensor.float())
     missing = [n for n in student_params if n not in teacher_state and not is_new_parameter(n)]
-    if config.tie_word_embeddings:
-        missing = [n for n in missing if n != "lm_head.weight"]
     if missing:
         raise XmergeError(f"teacher lacks weights the student needs: {missing[:3]}")
     init_new_parameters(student, seed)
@@ -116,6 +116,7 @@ def save_student(student, tokenizer, out_dir: Path, *, teacher_spec: str) -> Pat
         (tmp / "README.md").write_text(model_card(teacher_spec, student.config))
         if out_dir.exists():
             out_dir.rmdir()
+        tmp.chmod(0o755)  # mkdtemp makes it private
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
