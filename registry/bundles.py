@@ -128,34 +128,18 @@ def _stage(reg: Registry, bundle: Path, staging: Path) -> tuple[dict, dict[str, 
 
     try:
         tar = tarfile.open(bundle, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise reject(f"not a readable tar archive ({exc})") from None
+    except (tarfile.TarError, OSError):
+        raise reject("not a readable tar archive") from None
     with tar:
-        members = _checked_members(tar, reject)
-        if MANIFEST not in members:
-            raise reject(f"it has no {MANIFEST}")
-        manifest = _read_manifest(tar, members[MANIFEST], reject)
-        seed = _known_seed(reg, manifest, reject)
-        listed = manifest["members"]
-        present = set(members) - {MANIFEST}
-        if set(listed) != present:
-            missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
-            raise reject(f"archive members do not match the manifest (missing {missing}, unlisted {extra})")
-        if WEIGHTS not in present:
-            raise reject(f"it has no {WEIGHTS}")
-        weights_cap = reg.blob_path(seed.weights_sha, verify=False).stat().st_size + WEIGHTS_SLACK_BYTES
-        staged = {}
-        for arc in sorted(present):
-            member, cap = members[arc], weights_cap if arc == WEIGHTS else MAX_FILE_BYTES
-            if member.size > cap:
-                raise reject(f"member {arc} is {member.size} bytes, over the {cap}-byte limit")
-            if member.size != listed[arc].get("size"):
-                raise reject(f"member {arc} is {member.size} bytes but the manifest says {listed[arc].get('size')}")
-            staged[arc] = staging / arc.replace("/", "__")
-            if _copy_hashing(tar.extractfile(member), staged[arc]) != listed[arc].get("sha256"):
-                raise reject(f"member {arc} does not match its sha256 in the manifest")
+        try:
+            manifest, seed, staged = _stage_members(reg, tar, staging, reject)
+        except (tarfile.TarError, EOFError):
+            raise reject("the tar archive is truncated or damaged") from None
     spec = tensor_spec(staged[WEIGHTS])
-    declared = {name: (t.get("dtype"), tuple(t.get("shape", ()))) for name, t in manifest["tensors"].items()}
+    try:
+        declared = {name: (t.get("dtype"), tuple(t.get("shape", ()))) for name, t in manifest["tensors"].items()}
+    except TypeError:
+        raise reject(f"{MANIFEST} has a malformed tensor list") from None
     if spec != declared:
         raise reject("the tensors in model.safetensors differ from the manifest's tensor list")
     try:
@@ -166,6 +150,34 @@ def _stage(reg: Registry, bundle: Path, staging: Path) -> tuple[dict, dict[str, 
     if bad:
         raise reject(f"tensor(s) {', '.join(bad[:5])} contain NaN or inf")
     return manifest, staged
+
+
+def _stage_members(reg: Registry, tar: tarfile.TarFile, staging: Path, reject) -> tuple[dict, Seed, dict[str, Path]]:
+    """Check member types/names/sizes and the manifest's seed, then copy members out while hashing."""
+    members = _checked_members(tar, reject)
+    if MANIFEST not in members:
+        raise reject(f"it has no {MANIFEST}")
+    manifest = _read_manifest(tar, members[MANIFEST], reject)
+    seed = _known_seed(reg, manifest, reject)
+    listed = manifest["members"]
+    present = set(members) - {MANIFEST}
+    if set(listed) != present:
+        missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+        raise reject(f"archive members do not match the manifest (missing {missing}, unlisted {extra})")
+    if WEIGHTS not in present:
+        raise reject(f"it has no {WEIGHTS}")
+    weights_cap = reg.blob_path(seed.weights_sha, verify=False).stat().st_size + WEIGHTS_SLACK_BYTES
+    staged = {}
+    for arc in sorted(present):
+        member, cap = members[arc], weights_cap if arc == WEIGHTS else MAX_FILE_BYTES
+        if member.size > cap:
+            raise reject(f"member {arc} is {member.size} bytes, over the {cap}-byte limit")
+        if member.size != listed[arc].get("size"):
+            raise reject(f"member {arc} is {member.size} bytes but the manifest says {listed[arc].get('size')}")
+        staged[arc] = staging / arc.replace("/", "__")
+        if _copy_hashing(tar.extractfile(member), staged[arc]) != listed[arc].get("sha256"):
+            raise reject(f"member {arc} does not match its sha256 in the manifest")
+    return manifest, seed, staged
 
 
 def _checked_members(tar: tarfile.TarFile, reject) -> dict[str, tarfile.TarInfo]:
