@@ -1,28 +1,26 @@
 """The model directories a merge reads and writes, and the checks on their tensors.
 
 Convention: every model (expert, seed, merge output) is a directory holding `config.json` and one
-`model.safetensors`. Layouts are read from the safetensors header alone (8-byte little-endian
-length + JSON), so structural checks cost no tensor reads.
+`model.safetensors`. Layouts are read from the safetensors header alone, so structural checks
+cost no tensor reads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from xmerge.errors import XmergeError
+from xmerge.merge.safetensors_io import TORCH_DTYPES, Layout, SafetensorsReader, read_layout
 
 MODEL_FILE = "model.safetensors"
+CHUNK_ELEMENTS = 1 << 20  # elements read per input at a time: 2-4 MB, cache-sized
 # Non-weight files a merged model inherits from its first input (config, tokenizer, generation).
 SIDECAR_FILES = (
     "config.json",
@@ -36,29 +34,6 @@ SIDECAR_FILES = (
     "vocab.json",
     "merges.txt",
 )
-_MAX_HEADER_BYTES = 100_000_000
-
-TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of a safetensors file: safetensors dtype name ("BF16", ...) and shape."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-    def __str__(self) -> str:
-        return f"{self.dtype}{list(self.shape)}"
-
-
-Layout = dict[str, TensorSpec]  # ordered as the tensors' bytes lie in the file
 
 
 def model_file(model_dir: Path) -> Path:
@@ -72,24 +47,6 @@ def model_file(model_dir: Path) -> Path:
             raise XmergeError(f"{model_dir} holds a sharded checkpoint; merge needs one {MODEL_FILE}")
         raise XmergeError(f"{model_dir} has no {MODEL_FILE}")
     return path
-
-
-def read_layout(path: Path) -> tuple[Layout, dict[str, str]]:
-    """(layout, __metadata__) of a safetensors file, from its header only."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise XmergeError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER_BYTES:
-            raise XmergeError(f"{path} is not a safetensors file (header length {header_len})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise XmergeError(f"{path} is not a safetensors file (bad header: {exc})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    return {name: TensorSpec(e["dtype"], tuple(e["shape"])) for name, e in entries}, metadata
 
 
 def check_same_layout(model_dirs: Sequence[Path]) -> Layout:
@@ -119,12 +76,20 @@ def check_same_layout(model_dirs: Sequence[Path]) -> Layout:
 
 
 def check_finite(model_dirs: Sequence[Path], layout: Layout) -> None:
-    """XmergeError naming the model and tensor of the first NaN/inf, reading one tensor at a time."""
+    """XmergeError naming the model and tensor of the first NaN/inf, reading CHUNK_ELEMENTS at a time."""
+    buffer = torch.empty(CHUNK_ELEMENTS * max(TORCH_DTYPES[s.dtype].itemsize for s in layout.values()), dtype=torch.uint8)
     for model_dir in model_dirs:
-        with safe_open(model_file(model_dir), framework="pt") as handle:
-            for name in layout:
-                if not torch.isfinite(handle.get_tensor(name)).all():
-                    raise XmergeError(f"{model_dir} has NaN/inf in tensor {name}; re-train or drop that expert")
+        with SafetensorsReader(model_file(model_dir)) as reader:
+            for name, spec in layout.items():
+                for start in range(0, spec.numel, CHUNK_ELEMENTS):
+                    part = reader.read(name, start, min(CHUNK_ELEMENTS, spec.numel - start), buffer)
+                    if not all_finite(part):
+                        raise XmergeError(f"{model_dir} has NaN/inf in tensor {name}; re-train or drop that expert")
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether no element is NaN/inf; one reduction, with the exact test only when the sum is not finite."""
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
 def check_output_layout(out_file: Path, expected: Layout) -> None:

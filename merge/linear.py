@@ -1,10 +1,11 @@
-"""Linear merge θ = Σ_i λ_i θ_i (Eq. 14 of the paper), streamed tensor by tensor.
+"""Linear merge θ = Σ_i λ_i θ_i (Eq. 14 of the paper), streamed in slices of each tensor.
 
-For each tensor name, the tensor is read from every expert in turn and accumulated in fp32
+Every tensor is processed CHUNK_ELEMENTS elements at a time: the slice is read from each expert
+in turn into one reused buffer and accumulated in a cache-resident fp32 slice
 (`acc.addcmul_(θ_i, λ_i)`, experts in the given order — the same operation and order as
-mergekit's `linear`, so both give bit-identical outputs), cast back to the input dtype and
-appended to the output file. Memory holds one fp32 accumulator plus one input tensor, whatever
-the number of experts; the output is never held whole.
+mergekit's `linear`, elementwise, so both give bit-identical outputs), cast back to the input
+dtype and appended to the output file. Memory is a few buffers of one slice each, whatever the
+number of experts and the size of the model.
 """
 
 from __future__ import annotations
@@ -15,21 +16,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from xmerge.errors import XmergeError
 from xmerge.merge.checkpoint import (
+    CHUNK_ELEMENTS,
     MODEL_FILE,
-    TORCH_DTYPES,
+    all_finite,
     atomic_output_dir,
     check_same_layout,
     copy_sidecars,
     model_file,
-    read_layout,
 )
-from xmerge.merge.stream_writer import StreamingSafetensorsWriter
+from xmerge.merge.safetensors_io import TORCH_DTYPES, SafetensorsReader, StreamingSafetensorsWriter, read_layout
 
-Progress = Callable[[str, int], None]  # (tensor name, bytes of input read for it)
+Progress = Callable[[int], None]  # called with the bytes of input just merged
 
 
 def merge_linear(
@@ -39,11 +39,13 @@ def merge_linear(
     *,
     normalize: bool = False,
     progress: Progress | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Path:
     """Write Σ λ_i θ_i of the expert dirs to the new dir `out` (model.safetensors + config); return `out`.
 
-    normalize divides by Σ λ_i afterwards (mergekit's `normalize: true`). Raises XmergeError,
-    writing nothing, on mismatched layouts or a NaN/inf in any expert."""
+    normalize divides by Σ λ_i afterwards (mergekit's `normalize: true`); chunk_elements is the
+    slice length (the result does not depend on it). Raises XmergeError, writing nothing, on
+    mismatched layouts or a NaN/inf in any expert."""
     experts = [Path(e) for e in experts]
     if not experts:
         raise XmergeError("a linear merge needs at least one expert")
@@ -58,27 +60,33 @@ def merge_linear(
     # one fp32 scalar tensor per expert, as mergekit builds its coefficients
     coefficients = torch.tensor(list(weights), dtype=torch.float32).unbind(0)
     total = torch.tensor(list(weights), dtype=torch.float32).sum()
+    itemsize = max(TORCH_DTYPES[spec.dtype].itemsize for spec in layout.values())
+    in_buffer = torch.empty(chunk_elements * itemsize, dtype=torch.uint8)
+    acc_buffer = torch.empty(chunk_elements, dtype=torch.float32)
 
     with atomic_output_dir(out) as tmp, contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(model_file(e), framework="pt")) for e in experts]
-        with StreamingSafetensorsWriter(tmp / MODEL_FILE, layout, metadata) as writer:
-            for name, spec in layout.items():
-                acc = torch.zeros(spec.shape, dtype=torch.float32)
-                for handle, coefficient in zip(handles, coefficients):
-                    acc.addcmul_(handle.get_tensor(name), coefficient)
+        readers = [stack.enter_context(SafetensorsReader(model_file(e))) for e in experts]
+        writer = stack.enter_context(StreamingSafetensorsWriter(tmp / MODEL_FILE, layout, metadata))
+        for name, spec in layout.items():
+            dtype = TORCH_DTYPES[spec.dtype]
+            for start in range(0, max(spec.numel, 1), chunk_elements):
+                count = min(chunk_elements, spec.numel - start)
+                acc = acc_buffer[:count].zero_()
+                for reader, coefficient in zip(readers, coefficients):
+                    acc.addcmul_(reader.read(name, start, count, in_buffer), coefficient)
                 if normalize:
                     acc.div_(total)
-                if not torch.isfinite(acc).all():
-                    raise _non_finite_error(name, experts, handles)
-                writer.write(name, acc.to(TORCH_DTYPES[spec.dtype]))
+                if not all_finite(acc):
+                    raise _non_finite_error(name, start, count, experts, readers, in_buffer)
+                writer.write(name, acc.to(dtype))
                 if progress is not None:
-                    progress(name, len(experts) * acc.numel() * TORCH_DTYPES[spec.dtype].itemsize)
+                    progress(len(experts) * count * dtype.itemsize)
         copy_sidecars(experts[0], tmp)
     return Path(out)
 
 
-def _non_finite_error(name: str, experts: list[Path], handles: list) -> XmergeError:
-    for expert, handle in zip(experts, handles):
-        if not torch.isfinite(handle.get_tensor(name)).all():
+def _non_finite_error(name, start, count, experts, readers, buffer) -> XmergeError:
+    for expert, reader in zip(experts, readers):
+        if not all_finite(reader.read(name, start, count, buffer)):
             return XmergeError(f"expert {expert} has NaN/inf in tensor {name}; re-train or drop that expert")
     return XmergeError(f"merged tensor {name} overflowed its dtype; use smaller weights")

@@ -25,13 +25,13 @@ from transformers import AutoConfig
 from xmerge.errors import XmergeError
 from xmerge.merge.checkpoint import (
     MODEL_FILE,
-    TORCH_DTYPES,
     atomic_output_dir,
     check_finite,
     check_output_layout,
     check_same_layout,
     copy_sidecars,
 )
+from xmerge.merge.safetensors_io import TORCH_DTYPES
 from xmerge.modeling.config import XLSTMStudentConfig
 
 STUDENT_ARCHITECTURE = "XLSTMStudentForCausalLM"

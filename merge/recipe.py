@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from xmerge.errors import XmergeError
-from xmerge.merge.checkpoint import atomic_output_dir, model_file, read_layout
+from xmerge.merge.checkpoint import atomic_output_dir, model_file
+from xmerge.merge.safetensors_io import read_layout
 from xmerge.merge.members import Member
 from xmerge.merge.mergekit_methods import MERGEKIT_DTYPES
 from xmerge.merge.methods import merge_models

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xmerge.errors import XmergeError
-from xmerge.merge.checkpoint import read_layout
+from xmerge.merge.safetensors_io import read_layout
 from xmerge.merge.linear import merge_linear
 from xmerge.merge.mergekit_methods import _reference, register_student_architecture
-from xmerge.merge.stream_writer import StreamingSafetensorsWriter
+from xmerge.merge.safetensors_io import StreamingSafetensorsWriter
 from xmerge.tests.merge_fixtures import perturbed, random_tensors, student_shapes, write_student
 
 WEIGHTS = [0.35, 0.35, 0.2, 0.1]
@@ -42,10 +42,10 @@ def assert_nothing_written(out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "olmo2"])
-def test_linear_equals_weighted_sum_exactly(tmp_path, family):
+@pytest.mark.parametrize("family, chunk", [("llama", 1 << 20), ("qwen2", 1 << 20), ("olmo2", 1 << 20), ("llama", 777)])
+def test_linear_equals_weighted_sum_exactly(tmp_path, family, chunk):
     experts = make_experts(tmp_path, family, tied=family == "llama")
-    out = merge_linear(experts, WEIGHTS, tmp_path / "merged")
+    out = merge_linear(experts, WEIGHTS, tmp_path / "merged", chunk_elements=chunk)
     merged = load_file(out / "model.safetensors")
     expected = direct_sum(experts, WEIGHTS)
     assert merged.keys() == expected.keys()
@@ -62,12 +62,13 @@ def test_linear_equals_weighted_sum_exactly(tmp_path, family):
     assert json.loads((out / "config.json").read_text()) == json.loads((experts[0] / "config.json").read_text())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, 1 << 20), (torch.bfloat16, 1 << 20), (torch.bfloat16, 1000)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_linear_is_bit_identical_to_mergekit(tmp_path, dtype, normalize):
+def test_linear_is_bit_identical_to_mergekit(tmp_path, dtype, chunk, normalize):
     experts = make_experts(tmp_path, "qwen2", dtype, hidden=64, intermediate=96, vocab=300)
     weights = [0.5, 0.3, 0.4, 0.1]  # sum 1.3, so normalize matters
-    ours = load_file(merge_linear(experts, weights, tmp_path / "ours", normalize=normalize) / "model.safetensors")
+    merged = merge_linear(experts, weights, tmp_path / "ours", normalize=normalize, chunk_elements=chunk)
+    ours = load_file(merged / "model.safetensors")
     register_student_architecture()
     config = MergeConfiguration(
         merge_method="linear",
@@ -113,6 +114,19 @@ def test_streaming_writer_leaves_no_file_when_incomplete(tmp_path):
             writer.write("a", tensors["a"])
             writer.write("b", torch.ones(4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.safetensors"]
+
+
+def test_linear_handles_scalar_and_empty_tensors(tmp_path):
+    experts = []
+    for i in range(3):
+        (tmp_path / f"e{i}").mkdir()
+        tensors = {"scalar": torch.tensor(float(i + 1)), "empty": torch.zeros(0, 3), "vector": torch.arange(5.0) * i}
+        save_file(tensors, tmp_path / f"e{i}" / "model.safetensors")
+        experts.append(tmp_path / f"e{i}")
+    merged = load_file(merge_linear(experts, [0.5, 0.25, 0.25], tmp_path / "out", chunk_elements=2) / "model.safetensors")
+    assert merged["scalar"].shape == () and merged["scalar"].item() == 0.5 * 1 + 0.25 * 2 + 0.25 * 3
+    assert merged["empty"].shape == (0, 3)
+    assert torch.equal(merged["vector"], torch.arange(5.0) * 0.75)
 
 
 def _rewrite(model_dir, change):

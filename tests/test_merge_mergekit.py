@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xmerge.errors import XmergeError
-from xmerge.merge.checkpoint import read_layout
+from xmerge.merge.safetensors_io import read_layout
 from xmerge.merge.mergekit_methods import MERGEKIT_METHODS
 from xmerge.merge.methods import MERGE_METHODS, merge_models
 from xmerge.tests.common import tiny_student
