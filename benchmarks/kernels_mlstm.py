@@ -25,7 +25,7 @@ WINDOW, SINKS = 512, 4
 
 
 def ms(fn, grads=None) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grads, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
 def attempt(fn, grads=None) -> float | str:
@@ -62,6 +62,9 @@ def bench_ours(B, H, S, D) -> dict:
         h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
         row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
     row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
+    with torch.no_grad():
+        row["ours_fw_c128"] = ms(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))
+    row["ours_fwbw_c128"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a, chunk_size=128)[0], xs), xs)
     return row
 
 

@@ -40,12 +40,16 @@ def _safe(m):
 
 @triton.jit
 def _fwd_states(
-    k, v, b, ig, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
+    k, v, w, g, C0, n0, Cs, ns, C_last, n_last,
     S, S_pad, NC,
     HAS_INIT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH)."""
+    """State (C, n) at every chunk start: C <- g_c C + (w k)ᵀ v. Grid (DK/BK, DV/BV, B*NH).
+
+    The stabilisers are precomputed (see ``_chunk_stabilisers``), so nothing on the sequential
+    path waits for a reduction.
+    """
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -53,42 +57,27 @@ def _fwd_states(
     if HAS_INIT:
         C = tl.load(C0 + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
         n = tl.load(n0 + i_bh * DK + o_k).to(tl.float32)
-        m = tl.load(m0 + i_bh).to(tl.float32)
     else:
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
-        m = tl.full([], float("-inf"), tl.float32)
     for c in range(NC):
         st = i_bh * (NC + 1) + c
         tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
         if i_v == 0:
             tl.store(ns + st * DK + o_k, n)
-            if i_k == 0:
-                tl.store(ms + st, m)
         t = c * L + o_t
         in_seq = t < S
         kc = tl.load(k + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
         vc = tl.load(v + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        bc = tl.load(b + i_bh * S_pad + t)
-        ic = tl.load(ig + i_bh * S_pad + t)
-        b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
-        log_w = b_last - bc + ic
-        m_new = tl.maximum(b_last + m, tl.max(log_w, 0))
-        m_safe = _safe(m_new)
-        w = tl.exp(log_w - m_safe)
-        decay = tl.exp(b_last + m - m_safe)
-        kw = kc.to(tl.float32) * w[:, None]
+        wc = tl.load(w + i_bh * S_pad + t)
+        decay = tl.load(g + i_bh * NC + c)
+        kw = kc.to(tl.float32) * wc[:, None]
         C = C * decay + tl.dot(tl.trans(kw.to(vc.dtype)), vc, input_precision=PREC)
         n = n * decay + tl.sum(kw, 0)
-        m = m_new
     tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
     if i_v == 0:
         tl.store(n_last + i_bh * DK + o_k, n)
-        st = i_bh * (NC + 1) + NC
-        tl.store(ns + st * DK + o_k, n)
-        if i_k == 0:
-            tl.store(m_last + i_bh, m)
-            tl.store(ms + st, m)
+        tl.store(ns + (i_bh * (NC + 1) + NC) * DK + o_k, n)
 
 
 @triton.jit
@@ -279,6 +268,27 @@ def _gates(i_pre, f_pre, L):
     return ig.contiguous(), b.contiguous()
 
 
+def _chunk_stabilisers(ig, b, m0, L):
+    """Stabiliser m at every chunk start (BH, NC+1), exact via a max-plus scan over chunks.
+
+    m_{c+1} = max(b_last,c + m_c, M_c) with M_c = max_s(b_last,c - b_s + ĩ_s) unrolls to
+    m_c = P_c + max(m_0, max_{j<c} M_j - P_{j+1}) with P the prefix sum of b_last (in fp64,
+    since P grows with the sequence). Also returns each key's weight into the next chunk-start
+    state, w (BH, S_pad), and the carried state's decay per chunk, g (BH, NC).
+    """
+    BH = b.shape[0]
+    b_last = b[:, L - 1 :: L]  # (BH, NC)
+    log_w = (b_last.unsqueeze(-1) - b.view(BH, -1, L) + ig.view(BH, -1, L))  # (BH, NC, L)
+    M = log_w.amax(-1).double()
+    P = F.pad(b_last.double().cumsum(-1), (1, 0))  # (BH, NC+1)
+    cand = torch.cat([m0.double().reshape(BH, 1), M - P[:, 1:]], dim=-1)
+    ms = (P + torch.cummax(cand, dim=-1).values).float()
+    m_next = torch.where(torch.isinf(ms[:, 1:]), 0.0, ms[:, 1:])
+    w = torch.exp(log_w - m_next.unsqueeze(-1)).view(BH, -1)
+    g = torch.exp(b_last + ms[:, :-1] - m_next)
+    return ms.contiguous(), w.contiguous(), g.contiguous()
+
+
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, C0, n0, m0, L, eps):
@@ -292,18 +302,19 @@ class _MLSTMChunkwise(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         has_init = C0 is not None
         if has_init:
-            C0c, n0c, m0c = C0.float().contiguous(), n0.float().contiguous(), m0.float().contiguous()
+            C0c, n0c, m0c = C0.float().contiguous(), n0.float().contiguous(), m0.float()
         else:
-            C0c = n0c = m0c = ig  # unused
+            C0c = n0c = ig  # unused
+            m0c = torch.full((BH,), float("-inf"), device=dev)
+        ms, w, g = _chunk_stabilisers(ig, b, m0c, L)
         Cs = torch.empty(BH, NC + 1, DK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(BH, NC + 1, DK, device=dev, dtype=f32)
-        ms = torch.empty(BH, NC + 1, device=dev, dtype=f32)
         C_last = torch.empty(B, NH, DK, DV, device=dev, dtype=f32)
         n_last = torch.empty(B, NH, DK, device=dev, dtype=f32)
-        m_last = torch.empty(B, NH, device=dev, dtype=f32)
+        m_last = ms[:, NC].reshape(B, NH).clone()
         BK, BVs = _state_blocks(BH, DK, DV)
         _fwd_states[(DK // BK, DV // BVs, BH)](
-            k, v, b, ig, C0c, n0c, m0c, Cs, ns, ms, C_last, n_last, m_last, S, S_pad, NC,
+            k, v, w, g, C0c, n0c, Cs, ns, C_last, n_last, S, S_pad, NC,
             HAS_INIT=has_init, DK=DK, DV=DV, L=L, BK=BK, BV=BVs, PREC=prec,
         )
         h = torch.empty_like(v)
@@ -348,6 +359,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         _bwd_chunk[(NC, BH)](
             q, k, v, dh, b, ig, Cs, ns, ms, dCs, dns, m_t, den, dqn, dq, dk, dv, di, db,
             S, S_pad, NC, DK=DK, DV=DV, L=L, BV=min(64, DV), PREC=prec, num_warps=4 if DK <= 64 else 8,
+            num_stages=2 if DK <= 64 and q.dtype != torch.float32 else 1,  # shared memory: 228 KB per SM
         )
         d_log_f = db.view(BH, NC, L).flip(-1).cumsum(-1).flip(-1).reshape(BH, S_pad)[:, :S]
         di = di[:, :S]
