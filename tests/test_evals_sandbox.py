@@ -21,10 +21,9 @@ def test_correct_program_passes_and_wrong_one_fails():
 
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit():
-    start = time.monotonic()
-    r = run_python("while True:\n    pass\n", FAST)
-    assert r.status == "timeout" and "CPU" in r.reason
-    assert time.monotonic() - start < FAST.wall_seconds + 2
+    # a generous wall limit, so that a loaded machine still hits the 1 s CPU limit first
+    r = run_python("while True:\n    pass\n", SandboxLimits(wall_seconds=60, cpu_seconds=1))
+    assert (r.status, r.reason) == ("timeout", "CPU time limit of 1 s")
 
 
 def test_sleeping_program_is_stopped_by_the_wall_limit_with_its_children():
