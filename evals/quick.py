@@ -42,8 +42,8 @@ class EvalSet:
     """Held-out data of one domain; teacher targets and problems are optional."""
 
     blocks: torch.Tensor  # (N, T) int64 token ids
-    target_indices: torch.Tensor | None = None  # (N, T, k) int64, teacher's top-k ids, top-1 first
-    target_logprobs: torch.Tensor | None = None  # (N, T, k) float, teacher log-probs of those ids
+    target_indices: torch.Tensor | None = None  # (N, T, k) int32/int64, teacher's top-k ids, top-1 first
+    target_logprobs: torch.Tensor | None = None  # (N, T, k) float16/32, teacher log-probs of those ids
     problems: Sequence[Problem] = ()
 
 
@@ -98,7 +98,7 @@ def token_metrics(model, data: EvalSet, max_blocks: int | None, batch_size: int)
         ce_count += ids[:, 1:].numel()
         if data.target_indices is None:
             continue
-        idx = data.target_indices[start : start + ids.shape[0]].to(model.device)  # (B, T, k)
+        idx = data.target_indices[start : start + ids.shape[0]].to(model.device).long()  # (B, T, k)
         teacher = torch.log_softmax(
             data.target_logprobs[start : start + ids.shape[0]].to(model.device).float(), -1)  # (B, T, k)
         student = torch.log_softmax(logits.gather(-1, idx), -1)  # (B, T, k)

@@ -17,6 +17,7 @@ from xmerge.evals.humaneval import humaneval_pass_at_1
 from xmerge.evals.metrics import compare
 from xmerge.evals.quick import EvalSet, Suite, evaluate, last_integer, token_metrics
 from xmerge.experts.mathgen import math_problems
+from xmerge.experts.targets import topk_logprobs
 
 K = 8
 
@@ -36,11 +37,9 @@ def tokenizer():
 
 
 def _targets(model, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher top-k (indices, log-probs), each (N, T, k), the format experts/targets.py caches."""
+    """Teacher top-k (indices int32, log-probs float16), each (N, T, k), as experts/targets.py caches."""
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(blocks).logits.float(), -1)
-    values, indices = logprobs.topk(K, dim=-1)
-    return indices, values
+        return topk_logprobs(model(blocks).logits, K)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,8 @@ def test_token_metrics_match_a_direct_computation(teacher, eval_sets):
     kls = []
     for n in range(5):
         for t in range(data.blocks.shape[1]):
-            p = torch.softmax(data.target_logprobs[n, t], -1)
-            q = torch.softmax(logits[n, t, data.target_indices[n, t]], -1)
+            p = torch.softmax(data.target_logprobs[n, t].float(), -1)
+            q = torch.softmax(logits[n, t, data.target_indices[n, t].long()], -1)
             kls.append((p * (p / q).log()).sum().item())
     assert got["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert got["top1"] == pytest.approx(top1.item())
