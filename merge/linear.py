@@ -63,6 +63,7 @@ def merge_linear(
     itemsize = max(TORCH_DTYPES[spec.dtype].itemsize for spec in layout.values())
     in_buffer = torch.empty(chunk_elements * itemsize, dtype=torch.uint8)
     acc_buffer = torch.empty(chunk_elements, dtype=torch.float32)
+    up_buffer = torch.empty(chunk_elements, dtype=torch.float32)
 
     with atomic_output_dir(out) as tmp, contextlib.ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsReader(model_file(e))) for e in experts]
@@ -73,7 +74,9 @@ def merge_linear(
                 count = min(chunk_elements, spec.numel - start)
                 acc = acc_buffer[:count].zero_()
                 for reader, coefficient in zip(readers, coefficients):
-                    acc.addcmul_(reader.read(name, start, count, in_buffer), coefficient)
+                    part = reader.read(name, start, count, in_buffer)
+                    # upcast first: addcmul_ on mixed dtypes takes a slower path (same result)
+                    acc.addcmul_(part if dtype == torch.float32 else up_buffer[:count].copy_(part), coefficient)
                 if normalize:
                     acc.div_(total)
                 if not all_finite(acc):
