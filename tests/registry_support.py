@@ -20,6 +20,16 @@ from sqlalchemy import MetaData, create_engine, select
 
 from xmerge.registry import Registry
 
+# Prelude for subprocesses: make `xmerge` a bare namespace so xmerge/__init__.py (which may import the
+# torch-based modeling package) does not run; what is imported afterwards is the registry's own doing.
+BARE_XMERGE = """
+import importlib.util, sys, types
+_spec = importlib.util.find_spec("xmerge")
+_pkg = types.ModuleType("xmerge")
+_pkg.__path__ = list(_spec.submodule_search_locations)
+sys.modules["xmerge"] = _pkg
+"""
+
 SEED_SHAPES = {"embed.weight": (32, 8), "layers.0.mlp.weight": (8, 8), "layers.0.gate.bias": (4,),
                "norm.weight": (8,)}
 STUDENT_CONFIG = {"model_type": "xlstm_student", "hidden_size": 8, "num_hidden_layers": 1}
