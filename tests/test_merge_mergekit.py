@@ -105,3 +105,12 @@ def test_bad_method_settings_are_refused(tmp_path, method, base, params, fragmen
     with pytest.raises(XmergeError, match=fragment):
         merge_models(method, experts, WEIGHTS, tmp_path / "merged", base=seed if base else None, params=params)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_progress_counts_every_input_byte(tmp_path, method):
+    base, experts = make_seed_and_experts(tmp_path)
+    seen = []
+    seed = base if method != "linear" else None
+    merge_models(method, experts, WEIGHTS, tmp_path / "merged", base=seed, progress=seen.append)
+    assert sum(seen) == 3 * sum(spec.numel * 4 for spec in read_layout(base / "model.safetensors")[0].values())
