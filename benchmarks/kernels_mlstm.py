@@ -4,7 +4,7 @@ mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py) vs FLA ``chunk_simple_g
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
 
-    python benchmarks/kernels_mlstm.py --out results.json
+    python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...]
 """
 
 from __future__ import annotations
@@ -123,9 +123,11 @@ def bench_attention(B, H, S, D) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
+    parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable); default: the three issue shapes")
     args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else SHAPES
     rows = []
-    for B, H, S, D in SHAPES:
+    for B, H, S, D in shapes:
         row = {"shape": [B, H, S, D]}
         for part in (bench_ours, bench_fla, bench_xl_chunk, bench_attention):
             row |= part(B, H, S, D)
