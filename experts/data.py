@@ -107,7 +107,8 @@ def _code_files() -> list[tuple[str, Path]]:
 
 def _read_code(files: list[tuple[str, Path]]) -> Iterator[str]:
     for _, path in files:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        if text := path.read_text(encoding="utf-8", errors="replace").strip():  # empty __init__.py: no document
+            yield text + "\n"
 
 
 def _records_jsonl(path: Path) -> list[tuple[str, dict]]:

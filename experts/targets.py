@@ -45,9 +45,10 @@ def _hash_file(digest, path: Path) -> None:
 def teacher_hash(model_or_path) -> str:
     """sha256 identifying a teacher's weights.
 
-    A file (GGUF, safetensors): its bytes. An HF directory: its *.safetensors files (name and
-    bytes, sorted by name), else its *.gguf files. An in-memory model: its state dict, tensor by
-    tensor in name order (name, dtype, shape, bytes).
+    A file (GGUF, safetensors): its bytes. An HF directory: the bytes of its *.safetensors files
+    in name order, else of its *.gguf files (the same as modeling.teacher's
+    `TeacherSource.content_hash` for local teachers). An in-memory model: its state dict, tensor
+    by tensor in name order (name, dtype, shape, bytes).
     """
     digest = hashlib.sha256()
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -59,7 +60,6 @@ def teacher_hash(model_or_path) -> str:
             if not files:
                 raise XmergeError(f"teacher directory {path} holds no *.safetensors or *.gguf weights")
             for f in files:
-                digest.update(f.name.encode())
                 _hash_file(digest, f)
         else:
             raise XmergeError(f"teacher weights {path} not found: pass a local file or directory")
@@ -152,6 +152,14 @@ def _write_shards(teacher, blocks: torch.Tensor, out: Path, *, k: int, batch_siz
     return shards, k_used
 
 
+def find_targets(blocks: torch.Tensor, *, k: int, teacher_hash: str, data_fingerprint: str, split: str,
+                 cache_dir: Path) -> TeacherTargets | None:
+    """The finished cached targets for these blocks (N, T) and key parts, or None (never a partial build)."""
+    key = targets_key(teacher_hash=teacher_hash, data_fingerprint=data_fingerprint, k=k, split=split, blocks=blocks)
+    directory = Path(cache_dir) / "targets" / key
+    return TeacherTargets(directory) if (directory / "meta.json").exists() else None
+
+
 def build_targets(teacher, blocks: torch.Tensor, *, k: int = 256, teacher_hash: str, data_fingerprint: str,
                   split: str, cache_dir: Path, batch_size: int = 4, shard_blocks: int = 64,
                   progress: bool = True) -> TeacherTargets:
@@ -164,11 +172,13 @@ def build_targets(teacher, blocks: torch.Tensor, *, k: int = 256, teacher_hash: 
     if blocks.ndim != 2 or blocks.dtype not in (torch.int32, torch.int64) or len(blocks) == 0:
         raise XmergeError(f"target blocks must be a non-empty (N, T) integer tensor, got {blocks.dtype} "
                           f"{tuple(blocks.shape)}")
+    cached = find_targets(blocks, k=k, teacher_hash=teacher_hash, data_fingerprint=data_fingerprint, split=split,
+                          cache_dir=cache_dir)
+    if cached is not None:
+        return cached
     key = targets_key(teacher_hash=teacher_hash, data_fingerprint=data_fingerprint, k=k, split=split, blocks=blocks)
     root = Path(cache_dir) / "targets"
     final = root / key
-    if (final / "meta.json").exists():
-        return TeacherTargets(final)
     if teacher is None:
         raise XmergeError(f"no cached teacher targets for key {key[:12]}; pass the teacher to build them")
     tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

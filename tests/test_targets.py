@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from xmerge.errors import XmergeError
-from xmerge.experts.targets import TeacherTargets, build_targets, teacher_hash
+from xmerge.experts.targets import build_targets, find_targets, teacher_hash
 from xmerge.tests.common import TINY_VOCAB, tiny_teacher
 
 N_BLOCKS, SEQ_LEN = 10, 24
@@ -80,7 +80,10 @@ def test_k_is_capped_at_vocab(tmp_path, blocks):
 
 
 def test_second_build_reuses_cache_without_teacher(tmp_path, blocks):
+    key_parts = dict(k=16, teacher_hash="t" * 64, data_fingerprint="d" * 64, split="train", cache_dir=tmp_path)
+    assert find_targets(blocks, **key_parts) is None
     first = build(tiny_teacher(), blocks, tmp_path)
+    assert find_targets(blocks, **key_parts).directory == first.directory
     raising = RaisingTeacher(tiny_teacher())
     again = build(raising, blocks, tmp_path)
     assert raising.calls == 0 and again.directory == first.directory
