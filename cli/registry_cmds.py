@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -15,9 +15,9 @@ from xmerge.cli.app import app
 from xmerge.cli.errors import console, user_errors
 from xmerge.registry import Expert, Registry, RegistryError
 
-Home = Annotated[Optional[Path], typer.Option("--home", envvar="XMERGE_HOME",
+Home = Annotated[Path | None, typer.Option("--home", envvar="XMERGE_HOME",
                                               help="Registry home (default ./.xmerge).")]
-DbUrl = Annotated[Optional[str], typer.Option("--db-url", envvar="XMERGE_DB_URL",
+DbUrl = Annotated[str | None, typer.Option("--db-url", envvar="XMERGE_DB_URL",
                                               help="Database URL (default sqlite:///<home>/registry.db), "
                                                    "e.g. postgresql+psycopg://user@host/db.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
@@ -60,7 +60,8 @@ def _show(title: str, record) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in _plain(record).items():
-        table.add_row(key, json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else str(value))
+        nested = isinstance(value, dict | list)
+        table.add_row(key, json.dumps(value, sort_keys=True, default=str) if nested else str(value))
     console.print(table)
 
 
@@ -92,8 +93,8 @@ def seeds_list(home: Home = None, db_url: DbUrl = None, as_json: AsJson = False)
 
 
 @experts_app.command("list")
-def experts_list(seed: Annotated[Optional[str], typer.Option(help="Only this seed's experts.")] = None,
-                 domain: Annotated[Optional[str], typer.Option(help="Only this domain.")] = None,
+def experts_list(seed: Annotated[str | None, typer.Option(help="Only this seed's experts.")] = None,
+                 domain: Annotated[str | None, typer.Option(help="Only this domain.")] = None,
                  home: Home = None, db_url: DbUrl = None, as_json: AsJson = False) -> None:
     """List experts, optionally of one seed and/or domain.
 
@@ -165,7 +166,7 @@ def experts_remove(expert_id: Annotated[int, typer.Argument(help="Expert id.")],
 
 
 @compositions_app.command("list")
-def compositions_list(name: Annotated[Optional[str], typer.Option(help="Only versions of this name.")] = None,
+def compositions_list(name: Annotated[str | None, typer.Option(help="Only versions of this name.")] = None,
                       home: Home = None, db_url: DbUrl = None, as_json: AsJson = False) -> None:
     """List compositions (every version).
 

@@ -235,7 +235,7 @@ def _known_seed(reg: Registry, manifest: dict, reject) -> Seed:
     try:
         seed = reg.resolve(f"seed:{claimed.get('name')}")
     except RegistryError:
-        raise reject(f"its seed '{claimed.get('name')}' is not registered here; import or add that seed first") from None
+        raise reject(f"its seed '{claimed.get('name')}' is not registered here; add that seed first") from None
     mine = {"teacher_hash": seed.teacher_hash, "weights_sha": seed.weights_sha,
             "config_sha": config_sha(seed.student_config)}
     differ = [key for key, value in mine.items() if claimed.get(key) != value]

@@ -119,13 +119,12 @@ class Registry:
             _check_filename(filename)
             if not Path(path).is_file():
                 raise RegistryError(f"file {path} (for {filename}) does not exist")
-        sizes = {}
-        sha, sizes_w = self.blobs.put(Path(weights))
-        sizes[sha] = sizes_w
-        files = {}
+        weights_sha, weights_size = self.blobs.put(Path(weights))
+        sizes, files = {weights_sha: weights_size}, {}
         for filename, path in sorted(extra_files.items()):
-            files[filename], sizes[files[filename]] = self.blobs.put(Path(path))
-        return sha, files, sizes
+            sha, sizes[sha] = self.blobs.put(Path(path))
+            files[filename] = sha
+        return weights_sha, files, sizes
 
     # ---- registration ---------------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ def test_seed_expert_composition_round_trip(reg, tmp_path):
     math2 = reg.add_expert("s0", "math", expert_weights(tmp_path / "m2.safetensors", 0.2))
     code1 = reg.add_expert("s0", "code", expert_weights(tmp_path / "c1.safetensors", 0.3))
     assert (math1.version, math2.version, code1.version) == (1, 2, 1)
-    assert math1.recipe == {"lr": 1e-5} and math1.metrics == {"ce": 1.5} and math1.files == {"README.md": sha256(readme)}
+    assert math1.recipe == {"lr": 1e-5} and math1.metrics == {"ce": 1.5}
+    assert math1.files == {"README.md": sha256(readme)}
     assert reg.latest_expert("s0", "math") == math2
     assert [e.id for e in reg.list_experts(domain="math")] == [math1.id, math2.id]
 

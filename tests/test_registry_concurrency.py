@@ -109,7 +109,8 @@ def test_sigkill_mid_registration_leaves_no_half_row(reg, tmp_path):
     Registry(reg.home, reg.db_url).init()  # what `xmerge init` does: the dead writer's temp files go
     assert list(reg.blobs.tmp.iterdir()) == []
     reg.gc(grace_s=0)
-    referenced = {e.weights_sha for e in listed} | {reg.list_seeds()[0].weights_sha} | set(reg.list_seeds()[0].files.values())
+    (seed,) = reg.list_seeds()
+    referenced = {e.weights_sha for e in listed} | {seed.weights_sha} | set(seed.files.values())
     assert {sha for sha, _ in reg.blobs.iter_blobs()} == referenced
 
 
