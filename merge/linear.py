@@ -23,6 +23,7 @@ from xmerge.merge.checkpoint import (
     MODEL_FILE,
     all_finite,
     atomic_output_dir,
+    check_output_layout,
     check_same_layout,
     copy_sidecars,
     model_file,
@@ -84,6 +85,8 @@ def merge_linear(
                 writer.write(name, acc.to(dtype))
                 if progress is not None:
                     progress(len(experts) * count * dtype.itemsize)
+        stack.close()  # completes model.safetensors, to check it before the directory appears
+        check_output_layout(tmp / MODEL_FILE, layout)
         copy_sidecars(experts[0], tmp)
     return Path(out)
 
