@@ -162,6 +162,9 @@ class Registry:
             raise RegistryError(f"status '{status}' is not one of {', '.join(STATUSES)}")
         if version is not None and version < 1:
             raise RegistryError(f"version {version} must be >= 1")
+        for field, value in (("team", team), ("data_fingerprint", data_fingerprint)):
+            if len(value) > 200:
+                raise RegistryError(f"{field} is {len(value)} characters long; at most 200 are stored")
         seed_rec = self._seed(seed)
         self.check_tensors_match_seed(seed_rec, Path(weights))
         weights_sha, files, sizes = self._put_files(weights, extra_files or {})
