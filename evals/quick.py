@@ -49,7 +49,7 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Suite:
-    max_blocks: int | None  # per domain; None = all
+    max_tokens: int | None  # per domain, in whole blocks (at least one); None = all blocks
     batch_size: int
     max_problems: int | None
     answer_tokens: int  # generation budget per math answer
@@ -59,8 +59,8 @@ class Suite:
 
 
 SUITES = {
-    "quick": Suite(max_blocks=8, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
-    "full": Suite(max_blocks=None, batch_size=8, max_problems=None, answer_tokens=96,
+    "quick": Suite(max_tokens=2048, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
+    "full": Suite(max_tokens=None, batch_size=8, max_problems=None, answer_tokens=96,
                   humaneval_limit=None, humaneval=True),
 }
 _INT = re.compile(r"-?\d[\d,]*")
@@ -86,9 +86,10 @@ def _check_targets(domain: str, data: EvalSet) -> None:
 
 
 @torch.inference_mode()
-def token_metrics(model, data: EvalSet, max_blocks: int | None, batch_size: int) -> dict[str, float]:
+def token_metrics(model, data: EvalSet, max_tokens: int | None, batch_size: int) -> dict[str, float]:
     """ce (always), top1 and exp_neg_kl (when teacher targets are given) over the first blocks."""
-    n = data.blocks.shape[0] if max_blocks is None else min(max_blocks, data.blocks.shape[0])
+    n_all, seq_len = data.blocks.shape
+    n = n_all if max_tokens is None else min(n_all, max(1, max_tokens // seq_len))
     ce_sum = top1_sum = kl_sum = 0.0
     ce_count = pos_count = 0
     for start in range(0, n, batch_size):
@@ -135,7 +136,7 @@ def evaluate(model, tokenizer, suite: Literal["quick", "full"] | Suite,
         for domain in sorted(eval_sets):
             data = eval_sets[domain]
             _check_targets(domain, data)
-            for kind, value in token_metrics(model, data, cfg.max_blocks, cfg.batch_size).items():
+            for kind, value in token_metrics(model, data, cfg.max_tokens, cfg.batch_size).items():
                 metrics.append(Metric(f"{domain}/{kind}", domain, value, higher_is_better=kind != "ce"))
             problems = list(data.problems)[: cfg.max_problems]
             if problems:

@@ -56,7 +56,7 @@ def eval_sets(teacher, tokenizer):
 def test_token_metrics_match_a_direct_computation(teacher, eval_sets):
     data = eval_sets["chat"]
     student = _noised(teacher, 0.02)
-    got = token_metrics(student, data, max_blocks=5, batch_size=2)
+    got = token_metrics(student, data, max_tokens=5 * 48 + 47, batch_size=2)  # 5 whole blocks
     with torch.no_grad():
         logits = student(data.blocks[:5]).logits
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), data.blocks[:5, 1:].reshape(-1))
@@ -150,7 +150,7 @@ def test_batched_greedy_equals_one_by_one(teacher, tokenizer):
 
 
 def test_full_suite_adds_humaneval_end_to_end(teacher, tokenizer, eval_sets):
-    tiny_full = Suite(max_blocks=2, batch_size=2, max_problems=1, answer_tokens=8,
+    tiny_full = Suite(max_tokens=96, batch_size=2, max_problems=1, answer_tokens=8,
                       humaneval_limit=2, humaneval=True, humaneval_tokens=8)
     sets = {"code": eval_sets["chat"]}
     metrics = {m.name: m.value for m in evaluate(teacher, tokenizer, tiny_full, sets)}
