@@ -147,6 +147,9 @@ def test_batched_greedy_equals_one_by_one(teacher, tokenizer):
     batched = greedy_completions(teacher, tokenizer, prompts, 12, stop=("\n",), batch_size=4)
     single = [greedy_completions(teacher, tokenizer, [p], 12, stop=("\n",))[0] for p in prompts]
     assert batched == single and all("\n" not in c for c in batched)
+    no_pad = tiny_tokenizer()
+    no_pad.pad_token = None  # many base-model tokenizers have none: padding falls back to eos
+    assert greedy_completions(teacher, no_pad, prompts, 12, stop=("\n",), batch_size=4) == batched
 
 
 def test_full_suite_adds_humaneval_end_to_end(teacher, tokenizer, eval_sets):
