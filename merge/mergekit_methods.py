@@ -126,7 +126,7 @@ def merge_with_mergekit(
         raw = tmp / "mergekit"
         try:
             run_merge(config, str(raw), options)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:  # mergekit's own errors on bad settings
             raise XmergeError(f"mergekit {method} failed: {exc}") from exc
         check_output_layout(raw / MODEL_FILE, layout)
         os.replace(raw / MODEL_FILE, tmp / MODEL_FILE)

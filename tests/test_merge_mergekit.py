@@ -114,3 +114,10 @@ def test_progress_counts_every_input_byte(tmp_path, method):
     seed = base if method != "linear" else None
     merge_models(method, experts, WEIGHTS, tmp_path / "merged", base=seed, progress=seen.append)
     assert sum(seen) == 3 * sum(spec.numel * 4 for spec in read_layout(base / "model.safetensors")[0].values())
+
+
+def test_a_setting_mergekit_rejects_is_one_clear_error(tmp_path):
+    base, experts = make_seed_and_experts(tmp_path)
+    with pytest.raises(XmergeError, match="mergekit ties failed"):
+        merge_models("ties", experts, WEIGHTS, tmp_path / "merged", base=base, params={"density": "dense"})
+    assert not (tmp_path / "merged").exists()
