@@ -47,6 +47,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="smollm2-135m-instruct", help="alias, GGUF file or HF directory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--k", type=int, default=256)
@@ -57,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     suite = SUITES["quick"]
-    teacher, tokenizer = load_teacher("smollm2-135m-instruct")
+    teacher, tokenizer = load_teacher(args.teacher)
     student = convert_teacher(teacher)
     sets = {d: eval_set(d, teacher, tokenizer, args.seq, suite.max_tokens, args.k, args.cache)
             for d in args.domains.split(",")}
