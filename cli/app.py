@@ -16,7 +16,9 @@ app = typer.Typer(
 # Each area adds its commands to `app` in its own module (one import line each).
 from xmerge.cli import model_cmds  # noqa: E402,F401
 from xmerge.cli import registry_cmds  # noqa: E402,F401
+from xmerge.cli import train_cmds  # noqa: E402,F401
 
 
 def main() -> None:
     app()
+

