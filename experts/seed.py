@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from xmerge.errors import XmergeError
-from xmerge.experts.targets import teacher_hash
+from xmerge.experts.targets import TeacherTargets, build_targets, targets_key, teacher_hash
 from xmerge.modeling.convert import convert_teacher, save_student
 from xmerge.modeling.teacher import load_teacher, resolve_teacher
 
@@ -38,3 +38,24 @@ def checkout_cached(reg, record) -> Path:
     if not (dest / "model.safetensors").is_file():
         reg.checkout(record, dest)
     return dest
+
+
+class SeedTeacher:
+    """The teacher a seed was made from: loaded on first use, checked against the seed's hash."""
+
+    def __init__(self, seed, device="cpu"):
+        self.seed, self.device, self._model = seed, device, None
+
+    def __call__(self):
+        if self._model is None:
+            if teacher_hash(resolve_teacher(self.seed.teacher_spec).weights_path()) != self.seed.teacher_hash:
+                raise XmergeError(f"teacher {self.seed.teacher_spec!r} changed since seed {self.seed.name!r} was made")
+            self._model = load_teacher(self.seed.teacher_spec)[0].to(self.device)
+        return self._model
+
+    def targets(self, blocks, *, split: str, k: int, fingerprint: str, cache_dir: Path, batch_size: int = 4) -> TeacherTargets:
+        """Cached top-k targets of ``blocks`` (N, T); the teacher is loaded only when they are missing."""
+        key = dict(teacher_hash=self.seed.teacher_hash, data_fingerprint=fingerprint, k=k)
+        cached = (Path(cache_dir) / "targets" / targets_key(**key, split=split, blocks=blocks) / "meta.json").exists()
+        return build_targets(None if cached else self(), blocks, **key, split=split, cache_dir=cache_dir,
+                             batch_size=batch_size)

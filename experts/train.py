@@ -21,11 +21,10 @@ from xmerge.errors import XmergeError
 from xmerge.experts.checkpoint import Progress, load_checkpoint, read_progress, save_checkpoint, weights_state
 from xmerge.experts.data import PRESETS, load_domain, take_tokens
 from xmerge.experts.loop import run_stage
-from xmerge.experts.seed import checkout_cached
+from xmerge.experts.seed import SeedTeacher, checkout_cached
 from xmerge.experts.stages import Stage1Aligner, freeze_for_stage1, sparse_kl, stage2_loss, unfreeze_all, warmup_cosine
-from xmerge.experts.targets import TeacherTargets, build_targets, targets_key
+from xmerge.experts.targets import TeacherTargets
 from xmerge.modeling.student import XLSTMStudentForCausalLM
-from xmerge.modeling.teacher import load_teacher
 
 
 @dataclass(frozen=True)
@@ -78,30 +77,6 @@ def pick_seed(reg, name: str | None):
     return seeds[0]
 
 
-class LazyTeacher:
-    """Loads the seed's teacher on first use and checks it is the one the seed was made from."""
-
-    def __init__(self, seed, device):
-        self.seed, self.device, self._model = seed, device, None
-
-    def __call__(self):
-        if self._model is None:
-            from xmerge.experts.targets import teacher_hash
-            from xmerge.modeling.teacher import resolve_teacher
-
-            if teacher_hash(resolve_teacher(self.seed.teacher_spec).weights_path()) != self.seed.teacher_hash:
-                raise XmergeError(f"teacher {self.seed.teacher_spec!r} changed since seed {self.seed.name!r} was made")
-            self._model = load_teacher(self.seed.teacher_spec)[0].to(self.device)
-        return self._model
-
-
-def _targets(teacher: LazyTeacher, blocks, *, split: str, recipe: TrainRecipe, fingerprint: str, cache_dir: Path):
-    key_parts = dict(teacher_hash=teacher.seed.teacher_hash, data_fingerprint=fingerprint, k=recipe.top_k)
-    cached = cache_dir / "targets" / targets_key(**key_parts, split=split, blocks=blocks) / "meta.json"
-    return build_targets(None if cached.exists() else teacher(), blocks, **key_parts, split=split,
-                         cache_dir=cache_dir, batch_size=recipe.batch_size)
-
-
 def _rows(step: int, batch: int, world: int, rank: int, n: int) -> torch.Tensor:
     """Block indices of this process's slice of global batch ``step`` (wrapping around the data)."""
     return (torch.arange(batch) + step * batch * world + rank * batch) % n
@@ -142,7 +117,7 @@ def prepare_run(reg, recipe: TrainRecipe, *, seed_name: str | None, device, say)
     seed_dir = checkout_cached(reg, seed)
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
     cache_dir = Path(reg.home) / "cache"
-    teacher = LazyTeacher(seed, device)
+    teacher = SeedTeacher(seed, device)
     chat_teacher = teacher() if recipe.domain == "chat" and recipe.data is None else None
     budget = max(recipe.stage1_tokens, recipe.stage2_tokens, recipe.seq_len)
     data = load_domain(recipe.domain, tokenizer, seq_len=recipe.seq_len, data=recipe.data, cache_dir=cache_dir,
@@ -153,12 +128,12 @@ def prepare_run(reg, recipe: TrainRecipe, *, seed_name: str | None, device, say)
     blocks2 = take_tokens(data.train, recipe.stage2_tokens)
     unique2 = data.train[: min(len(blocks2), len(data.train))]
     heldout = data.heldout[: recipe.heldout_blocks]
-    common = dict(recipe=recipe, fingerprint=data.fingerprint, cache_dir=cache_dir)
+    common = dict(k=recipe.top_k, fingerprint=data.fingerprint, cache_dir=cache_dir, batch_size=recipe.batch_size)
     return PreparedRun(
         seed=seed, seed_dir=seed_dir, data=data, blocks1=take_tokens(data.train, recipe.stage1_tokens),
         blocks2=blocks2, unique2=unique2, heldout=heldout,
-        targets2=_targets(teacher, unique2, split="train", **common) if len(blocks2) else None,
-        targets_heldout=_targets(teacher, heldout, split="heldout", **common) if len(heldout) else None,
+        targets2=teacher.targets(unique2, split="train", **common) if len(blocks2) else None,
+        targets_heldout=teacher.targets(heldout, split="heldout", **common) if len(heldout) else None,
     )
 
 

@@ -1,0 +1,53 @@
+"""Eval sets of a seed's domains: fixed held-out blocks, the teacher's cached top-k, math problems.
+
+Every model of one seed (the seed, its experts, their compositions) is evaluated on the same
+sets, so their metrics compare directly and the teacher runs at most once per domain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from xmerge.errors import XmergeError
+from xmerge.evals.quick import SUITES, EvalSet
+from xmerge.experts.data import PRESETS, load_domain
+from xmerge.experts.seed import SeedTeacher, checkout_cached
+
+EVAL_SEQ_LEN = 256
+TOP_K = 64  # enough for top-1 agreement and a top-k KL; keeps the cache small
+
+
+def _domain_source(reg, seed, domain: str) -> str | None:
+    """A preset needs no data; a user domain is evaluated on the data its newest expert trained on."""
+    if domain in PRESETS:
+        return None
+    expert = reg.latest_expert(seed.name, domain)
+    data = expert.recipe.get("data") if expert is not None else None
+    if not data:
+        raise XmergeError(f"domain {domain!r} is not a preset ({', '.join(PRESETS)}) and no expert of seed "
+                          f"{seed.name!r} records its data; train one with --data first")
+    return data
+
+
+def domain_eval_sets(reg, seed, domains, *, suite: str = "quick", seq_len: int = EVAL_SEQ_LEN,
+                     device="cpu") -> dict[str, EvalSet]:
+    """{domain: EvalSet} for ``seed`` (a registry Seed); ``suite`` sets how many held-out tokens."""
+    if suite not in SUITES:
+        raise XmergeError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+    seed_dir = checkout_cached(reg, seed)
+    tokenizer = AutoTokenizer.from_pretrained(seed_dir)
+    cache_dir = Path(reg.home) / "cache"
+    teacher = SeedTeacher(seed, device)
+    heldout_tokens = SUITES[suite].max_tokens or 64 * seq_len
+    sets = {}
+    for domain in sorted(set(domains)):
+        data = load_domain(domain, tokenizer, seq_len=seq_len, data=_domain_source(reg, seed, domain),
+                           cache_dir=cache_dir, teacher=teacher() if domain == "chat" else None,
+                           max_train_tokens=seq_len, max_heldout_tokens=heldout_tokens)
+        targets = teacher.targets(data.heldout, split="heldout", k=TOP_K, fingerprint=data.fingerprint,
+                                  cache_dir=cache_dir)
+        sets[domain] = EvalSet(blocks=data.heldout, target_indices=targets.indices,
+                               target_logprobs=targets.logprobs, problems=data.math_problems_heldout or ())
+    return sets
