@@ -59,7 +59,7 @@ class Suite:
 
 
 SUITES = {
-    "quick": Suite(max_tokens=2048, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
+    "quick": Suite(max_tokens=4096, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
     "full": Suite(max_tokens=None, batch_size=8, max_problems=None, answer_tokens=96,
                   humaneval_limit=None, humaneval=True),
 }
