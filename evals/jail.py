@@ -8,8 +8,9 @@ read-only binds of /usr and the interpreter's prefix, a few device nodes, a writ
 with no_new_privs; exec. Nothing of the host tree outside those binds is visible, so the
 program can neither write outside its jail nor read the project or the registry.
 The program runs as the only child of the namespace's PID 1: when it exits or is killed, PID 1
-exits and every process the program started dies with it. Exit status: the program's code or 128 + signal. Setup failures are
-written to the spec's `status_fd` (closed before exec, so the program cannot forge one).
+exits and every process the program started dies with it. Exit status: the program's code or
+128 + signal. Setup failures are written to the spec's `status_fd` (closed before exec, so the
+program cannot forge one).
 """
 
 from __future__ import annotations
