@@ -22,8 +22,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from xmerge.modeling.cache import HybridCache, LayerCache
 from xmerge.modeling.config import XLSTMStudentConfig
-from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_recurrent_step
-from xmerge.modeling.swa import gather_sinks, window_sink_attention
+from xmerge.modeling.dispatch import mlstm_forward, swa_forward
+from xmerge.modeling.mlstm import mlstm_recurrent_step
+from xmerge.modeling.swa import gather_sinks
 
 # Parameters that do not exist in the teacher: Stage I trains only these.
 NEW_PARAMETER_KEYS = ("fmap_q", "fmap_k", "igate", "fgate", "ogate")
@@ -105,21 +106,22 @@ class HybridAttention(nn.Module):
     def _swa(self, q_rot, k_rot, v, positions, start, layer: LayerCache | None, window: int):
         sink_k, sink_v, sink_pos = gather_sinks(k_rot, v, start, self.config.sinks, int(positions[0]))
         if layer is None:
-            return window_sink_attention(
-                q_rot, k_rot, v, positions, sink_k, sink_v, sink_pos, q_pos=positions, start=start, window=window
+            return swa_forward(
+                q_rot, k_rot, v, positions, start, sink_k, sink_v, sink_pos, window=window, sinks=self.config.sinks
             )
         HybridCache.write_sinks(layer, sink_k, sink_v, sink_pos)
-        out = window_sink_attention(
+        out = swa_forward(
             q_rot,
-            torch.cat([layer.ring_k, k_rot.to(layer.ring_k.dtype)], dim=2),
-            torch.cat([layer.ring_v, v.to(layer.ring_v.dtype)], dim=2),
-            torch.cat([layer.ring_pos, positions]),
+            k_rot,
+            v,
+            positions,
+            start,
             layer.sink_k,
             layer.sink_v,
             layer.sink_pos,
-            q_pos=positions,
-            start=start,
             window=window,
+            sinks=self.config.sinks,
+            ring=(layer.ring_k, layer.ring_v, layer.ring_pos),
         )
         HybridCache.write_window(layer, k_rot, v, positions)
         return out
@@ -141,7 +143,7 @@ class HybridAttention(nn.Module):
             )
             h = h.unsqueeze(2)
         else:
-            h, state = mlstm_chunkwise(
+            h, state = mlstm_forward(
                 phi_q, phi_k, v, i_pre, f_pre, chunk_size=self.config.chunk_size, state=state, eps=eps
             )
         if layer is not None:

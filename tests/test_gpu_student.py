@@ -1,0 +1,120 @@
+"""The student on CUDA: kernel path (modeling/dispatch.py) against the reference path (XMERGE_KERNELS=0).
+
+Runs on the device machine; skipped without CUDA. Errors are relative in the Frobenius norm.
+Tolerances: fp32 1e-4 for logits and 1e-3 for gradients (both paths fp32 IEEE; the chunkwise and
+FlexAttention sums run in another order). bf16 autocast: the kernel path must be within
+max(3e-2, 2 × the reference path's own autocast error), both measured against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common import tiny_student
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytest.importorskip("triton")
+
+SEQ, WINDOW, SINKS, CHUNK = 200, 32, 4, 16  # crosses chunk and window boundaries many times
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def student():
+    return tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
+
+
+def logits_and_grads(model, ids, *, kernels: bool, autocast: bool, monkeypatch, attention_mask=None):
+    monkeypatch.setenv("XMERGE_KERNELS", "1" if kernels else "0")
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits.float()
+    target = torch.randn(logits.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    (logits * target).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def test_kernel_path_is_taken_and_switch_forces_reference(student, monkeypatch):
+    from xmerge.modeling import dispatch
+
+    calls = []
+    real = dispatch.mlstm_chunkwise
+    monkeypatch.setattr(dispatch, "mlstm_chunkwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 259, (2, 64), device="cuda")
+    monkeypatch.setenv("XMERGE_KERNELS", "1")
+    with torch.no_grad():
+        student(ids)
+    assert calls == []  # every layer took the Triton kernel
+    monkeypatch.setenv("XMERGE_KERNELS", "0")
+    with torch.no_grad():
+        student(ids)
+    assert len(calls) == student.config.num_hidden_layers
+
+
+def test_fp32_logits_and_all_gradients_match_reference(student, monkeypatch):
+    ids = torch.randint(0, 259, (2, SEQ), device="cuda")
+    ref_logits, ref_grads = logits_and_grads(student, ids, kernels=False, autocast=False, monkeypatch=monkeypatch)
+    logits, grads = logits_and_grads(student, ids, kernels=True, autocast=False, monkeypatch=monkeypatch)
+    assert rel_err(logits, ref_logits) < 1e-4
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(student.parameters()))
+    errors = {n: rel_err(grads[n], ref_grads[n]) for n in grads}
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_bf16_autocast_within_reference_autocast_error(student, monkeypatch):
+    ids = torch.randint(0, 259, (2, SEQ), device="cuda")
+    exact_logits, exact_grads = logits_and_grads(student, ids, kernels=False, autocast=False, monkeypatch=monkeypatch)
+    ref_logits, ref_grads = logits_and_grads(student, ids, kernels=False, autocast=True, monkeypatch=monkeypatch)
+    logits, grads = logits_and_grads(student, ids, kernels=True, autocast=True, monkeypatch=monkeypatch)
+    assert rel_err(logits, exact_logits) < max(3e-2, 2 * rel_err(ref_logits, exact_logits))
+    for name in exact_grads:
+        bound = max(3e-2, 2 * rel_err(ref_grads[name], exact_grads[name]))
+        assert rel_err(grads[name], exact_grads[name]) < bound, name
+
+
+def test_left_padded_batch_matches_reference(student, monkeypatch):
+    # padding sends SWA to the reference; the mLSTM kernel sees ĩ = -inf on the padded slots
+    ids = torch.randint(0, 259, (3, 150), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    mask[2, :100] = 0
+    ref, _ = logits_and_grads(student, ids, kernels=False, autocast=False, monkeypatch=monkeypatch, attention_mask=mask)
+    ours, _ = logits_and_grads(student, ids, kernels=True, autocast=False, monkeypatch=monkeypatch, attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(ours[real], ref[real]) < 1e-4
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+def test_greedy_generate_with_cache_equals_reference(mixer, monkeypatch):
+    model = tiny_student("qwen2", mixer=mixer, window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
+    prompt = torch.randint(0, 259, (2, 150), device="cuda")
+    outs = {}
+    for kernels in (False, True):
+        monkeypatch.setenv("XMERGE_KERNELS", "1" if kernels else "0")
+        with torch.no_grad():
+            outs[kernels] = model.generate(
+                prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=256
+            )
+    assert outs[True].shape == (2, 190)  # prefill through the kernels, then 40 cached decode steps
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_prefill_state_passes_to_decode(monkeypatch):
+    # logits of a kernel prefill + cached steps equal the reference's full recompute at every step
+    model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
+    ids = torch.randint(0, 259, (1, 180), device="cuda")
+    monkeypatch.setenv("XMERGE_KERNELS", "1")
+    with torch.no_grad():
+        out = model(ids[:, :130], use_cache=True)
+        stepped = [out.logits[:, -1]]
+        for t in range(130, 180):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values)
+            stepped.append(out.logits[:, -1])
+        monkeypatch.setenv("XMERGE_KERNELS", "0")
+        full = model(ids).logits[:, 129:]
+    assert rel_err(torch.stack(stepped, dim=1), full) < 1e-4
