@@ -24,7 +24,7 @@ from xmerge.merge.gate import EvalSetsFn, ModelEvaluator, decide
 from xmerge.merge.members import Member, patch_members, replace_member
 from xmerge.merge.methods import MERGE_METHODS, merge_models
 from xmerge.merge.recipe import CARD_FILE, RECIPE_FILE, MergeRecipe, write_recipe
-from xmerge.merge.search import Score, search_weights
+from xmerge.merge.search import Score, check_search, search_weights
 from xmerge.merge.weights import parse_weights
 from xmerge.registry import Composition, Expert, Operation, Registry, Seed
 from xmerge.registry.blobs import file_sha256
@@ -70,6 +70,8 @@ def compose(reg: Registry, name: str, weights_text: str, *, seed: str | None = N
         raise XmergeError("--search looks for weights on the simplex (≥ 0, sum 1); drop --allow-negative")
     parsed = parse_weights(weights_text, allow_negative=allow_negative, normalize=normalize or searching)
     seed_rec, experts = _resolve_weights(reg, parsed, seed)
+    if searching:
+        check_search(len(experts), search_budget)
     current = _newest(reg, name)
     if current is not None and current.seed != seed_rec.name:
         raise XmergeError(f"composition {name!r} is built on seed {current.seed!r}, these experts on "

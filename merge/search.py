@@ -56,10 +56,7 @@ class SearchResult:
 def search_weights(score: Callable[[tuple[float, ...]], Score], n: int, budget: int, *,
                    start: Sequence[float] | None = None, seed: int = 0) -> SearchResult:
     """Best weights (λ_i ≥ 0, Σλ = 1) of `n` members found with at most `budget` calls of `score`."""
-    if n < 2:
-        raise XmergeError(f"--search needs at least two members to weigh, got {n}")
-    if budget < 1:
-        raise XmergeError(f"--budget must be at least 1 evaluation, got {budget}")
+    check_search(n, budget)
     trace: list[Trial] = []
     seen: set[tuple[float, ...]] = set()
 
@@ -97,6 +94,14 @@ def search_weights(score: Callable[[tuple[float, ...]], Score], n: int, budget: 
         if not improved:
             step /= 2
     return SearchResult(best=max(trace, key=lambda t: t.score), trace=trace)
+
+
+def check_search(n: int, budget: int) -> None:
+    """XmergeError unless a search over `n` members with `budget` evaluations makes sense."""
+    if n < 2:
+        raise XmergeError(f"--search needs at least two members to weigh, got {n}")
+    if budget < 1:
+        raise XmergeError(f"--budget must be at least 1 evaluation, got {budget}")
 
 
 def _dirichlet_sample(n: int, generator: torch.Generator) -> list[float]:

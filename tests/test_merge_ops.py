@@ -206,7 +206,7 @@ def test_compose_with_search_records_the_trace_and_composes_the_best(reg):
     assert search["best"]["weights"] == best["weights"]
     (op,) = reg.list_operations(composition="mix")
     assert op.report["search"] == search
-    if result.composition is not None:
-        assert [m.weight for m in result.composition.members] == best["weights"]
-        assert_tensors_equal(weights_of(reg, result.composition),
-                             expected_sum(reg, [(math, best["weights"][0]), (code, best["weights"][1])]))
+    assert result.decision == "accepted"
+    assert [m.weight for m in result.composition.members] == best["weights"]
+    assert_tensors_equal(weights_of(reg, result.composition),
+                         expected_sum(reg, [(math, best["weights"][0]), (code, best["weights"][1])]))
