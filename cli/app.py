@@ -17,6 +17,7 @@ app = typer.Typer(
 from xmerge.cli import model_cmds  # noqa: E402,F401
 from xmerge.cli import registry_cmds  # noqa: E402,F401
 from xmerge.cli import train_cmds  # noqa: E402,F401
+from xmerge.cli import demo_cmds  # noqa: E402,F401
 from xmerge.cli import merge_cmds  # noqa: E402,F401
 
 
