@@ -118,3 +118,22 @@ def test_prefill_state_passes_to_decode(monkeypatch):
         monkeypatch.setenv("XMERGE_KERNELS", "0")
         full = model(ids).logits[:, 129:]
     assert rel_err(torch.stack(stepped, dim=1), full) < 1e-4
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "swa"])
+def test_graphed_greedy_decode_equals_eager_generate(mixer):
+    from xmerge.modeling.decode_graph import GraphedGreedyDecoder
+
+    model = tiny_student("llama", mixer=mixer, window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
+    prompt = torch.randint(0, 259, (2, 100), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :10] = 0
+    with torch.no_grad():
+        eager = model.generate(
+            prompt, attention_mask=mask, max_new_tokens=60, do_sample=False, eos_token_id=None, pad_token_id=256
+        )[:, 100:]
+        out = model(prompt, attention_mask=mask, use_cache=True)
+        decoder = GraphedGreedyDecoder(model, out.past_key_values, out.logits[:, -1:].argmax(-1))
+        graphed = torch.cat([decoder.generate(25), decoder.generate(35)], dim=1)
+    assert out.past_key_values.seen == 160
+    assert torch.equal(graphed, eager)

@@ -1,0 +1,185 @@
+"""Inference of the SmolLM2 student vs its teacher on one GPU (issue 7, model level).
+
+Same run, real SmolLM2-135M-Instruct weights, both models bf16 under bf16 autocast, random tokens:
+* prefill at B=1: time to first token (forward with cache over the prompt, logits of the last
+  position only, argmax) and prefill tokens/s = prompt / that time;
+* greedy decode with a cache: tokens/s = B × steps / time of the steps alone (prefill excluded);
+* GPU memory allocated after the prompt and after each checkpoint of generated tokens.
+Teacher: HF LlamaForCausalLM, SDPA, its default DynamicCache, eager. Student: kernel path
+(modeling/dispatch) for prefill, its HybridCache; decode both eager (Python per layer) and as one
+CUDA-graph replay per token (modeling/decode_graph). Ratios are teacher time / student time.
+
+    python3 benchmarks/gpu_student.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out student.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch._dynamo
+
+from xmerge.modeling.convert import convert_teacher
+from xmerge.modeling.decode_graph import GraphedGreedyDecoder
+from xmerge.modeling.teacher import load_teacher
+
+GIB = 2**30
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def first_token(model, ids):
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+
+def decode(model, batch: int, prompt: int, steps: int, checkpoints: tuple[int, ...], vocab: int, graphed=False) -> dict:
+    """Greedy decode after a random prompt: tokens/s of the steps and memory at each checkpoint."""
+    torch.cuda.empty_cache()
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    tok, cache = first_token(model, ids)
+    del ids
+    if graphed:
+        decoder = GraphedGreedyDecoder(model, cache, tok)
+        decoder.generate(2)  # hand out the eager warmup tokens before the clock starts
+        advance = decoder.generate
+    else:
+
+        def advance(n: int) -> None:
+            nonlocal tok, cache
+            for _ in range(n):
+                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                tok, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    torch.cuda.synchronize()
+    memory = {0: torch.cuda.memory_allocated() / GIB}
+    torch.cuda.reset_peak_memory_stats()
+    done = 0
+    t0 = time.perf_counter()
+    for mark in sorted({*checkpoints, steps}):
+        advance(mark - done)
+        done = mark
+        torch.cuda.synchronize()
+        memory[mark] = torch.cuda.memory_allocated() / GIB
+    elapsed = time.perf_counter() - t0
+    return {
+        "tokens_per_s": batch * steps / elapsed,
+        "ms_per_step": 1e3 * elapsed / steps,
+        "allocated_gib": memory,
+        "decode_peak_gib": torch.cuda.max_memory_allocated() / GIB,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="teacher spec: alias, HF dir or .gguf file")
+    parser.add_argument("--prefill", default="4096,16384,65536,131072", help="prompt lengths at B=1")
+    parser.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768", help="BxPROMPT list")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps per configuration")
+    parser.add_argument("--memory-steps", type=int, default=512, help="decode steps of the memory run (8x4096)")
+    parser.add_argument("--budget-s", type=float, default=400, help="skip what would start after this many seconds")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    # FlexAttention compiles once per input shape; every benchmarked shape must keep its compiled kernel
+    torch._dynamo.config.recompile_limit = 64
+    clock = time.perf_counter()
+
+    teacher, _ = load_teacher(args.teacher)
+    student = convert_teacher(teacher).to(torch.bfloat16).cuda().eval()
+    teacher = teacher.to(torch.bfloat16).cuda().eval()
+    models = {"teacher": teacher, "student": student}
+    vocab = teacher.config.vocab_size
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "teacher_attn": teacher.config._attn_implementation,
+        "prefill": [],
+        "decode": [],
+    }
+
+    def save() -> None:  # after every row, so a run cut short still leaves its rows
+        result["wall_s"] = time.perf_counter() - clock
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - clock > args.budget_s:
+            print(f"skipped (time budget): {what}", flush=True)
+            result.setdefault("skipped", []).append(what)
+            return True
+        return False
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        # the kernel path on real weights against the reference path, same bf16 setup
+        ids = torch.randint(0, vocab, (1, 4096), device="cuda")
+        os.environ["XMERGE_KERNELS"] = "0"
+        ref = student(input_ids=ids).logits.float()
+        os.environ["XMERGE_KERNELS"] = "1"
+        ours = student(input_ids=ids).logits.float()
+        result["kernel_vs_reference_logits_rel_err_4k"] = ((ours - ref).norm() / ref.norm()).item()
+        result["kernel_vs_reference_top1_agreement_4k"] = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        print("kernel vs reference (4K, bf16):", result["kernel_vs_reference_logits_rel_err_4k"], flush=True)
+        del ref, ours
+
+        for length in map(int, args.prefill.split(",")):
+            if over_budget(f"prefill {length}"):
+                break
+            ids = torch.randint(0, vocab, (1, length), device="cuda")
+            row = {"prompt": length}
+            for name, model in models.items():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    seconds = timed(lambda: first_token(model, ids), repeats=3)
+                    row[name] = {"ttft_ms": 1e3 * seconds, "tokens_per_s": length / seconds,
+                                 "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+                except Exception as error:  # noqa: BLE001 - record OOM or a failed compile, keep measuring
+                    row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            if "ttft_ms" in row["teacher"] and "ttft_ms" in row["student"]:
+                row["speedup"] = row["teacher"]["ttft_ms"] / row["student"]["ttft_ms"]
+            result["prefill"].append(row)
+            save()
+            print("prefill", json.dumps(row), flush=True)
+
+        memory_config = (8, 4096)
+        for config in args.decode.split(","):
+            batch, prompt = map(int, config.split("x"))
+            if over_budget(f"decode {config}"):
+                break
+            is_memory_run = (batch, prompt) == memory_config
+            steps = args.memory_steps if is_memory_run else args.steps
+            checkpoints = tuple(s for s in (128, 256, 512, 1024, 2048) if s <= steps) if is_memory_run else ()
+            row = {"batch": batch, "prompt": prompt, "steps": steps}
+            runs = {"teacher": (teacher, False), "student": (student, False), "student_graph": (student, True)}
+            for name, (model, graphed) in runs.items():
+                try:
+                    row[name] = decode(model, batch, prompt, steps, checkpoints, vocab, graphed)
+                except Exception as error:  # noqa: BLE001 - record OOM or a failed capture, keep measuring
+                    row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                for key in ("student", "student_graph"):
+                    if name == key and "tokens_per_s" in row[key] and "tokens_per_s" in row["teacher"]:
+                        row[f"speedup_{key}"] = row[key]["tokens_per_s"] / row["teacher"]["tokens_per_s"]
+            result["decode"].append(row)
+            save()
+            print("decode", json.dumps(row), flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
