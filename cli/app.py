@@ -19,6 +19,7 @@ from xmerge.cli import registry_cmds  # noqa: E402,F401
 from xmerge.cli import train_cmds  # noqa: E402,F401
 from xmerge.cli import demo_cmds  # noqa: E402,F401
 from xmerge.cli import merge_cmds  # noqa: E402,F401
+from xmerge.cli import eval_cmds  # noqa: E402,F401
 
 
 def main() -> None:

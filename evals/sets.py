@@ -32,14 +32,15 @@ def _domain_source(reg, seed, domain: str) -> str | None:
 
 
 def domain_eval_sets(reg, seed, domains, *, suite: str = "quick", seq_len: int = EVAL_SEQ_LEN,
-                     device="cpu") -> dict[str, EvalSet]:
-    """{domain: EvalSet} for ``seed`` (a registry Seed); ``suite`` sets how many held-out tokens."""
+                     device="cpu", teacher: SeedTeacher | None = None) -> dict[str, EvalSet]:
+    """{domain: EvalSet} for ``seed`` (a registry Seed); ``suite`` sets how many held-out tokens.
+    Pass ``teacher`` to share one loaded teacher with the caller."""
     if suite not in SUITES:
         raise XmergeError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
     seed_dir = checkout_cached(reg, seed)
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
     cache_dir = Path(reg.home) / "cache"
-    teacher = SeedTeacher(seed, device)
+    teacher = teacher or SeedTeacher(seed, device)
     heldout_tokens = SUITES[suite].max_tokens or 64 * seq_len
     sets = {}
     for domain in sorted(set(domains)):
