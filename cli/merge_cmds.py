@@ -5,7 +5,9 @@ Exit codes: 0 accepted or forced, 2 rejected by the gate (the attempt is still r
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -55,7 +57,7 @@ def compose_cmd(
     from xmerge.errors import XmergeError
     from xmerge.merge.operations import compose
 
-    with user_errors(), console.status("composing") as status:
+    with user_errors(), _human_output(as_json), console.status("composing") as status:
         if budget is not None and not search:
             raise XmergeError("--budget only applies with --search")
         result = compose(Registry(home, db_url), name, weights, seed=seed, method=method, normalize=normalize,
@@ -86,7 +88,7 @@ def patch_cmd(
     """
     from xmerge.merge.operations import patch
 
-    with user_errors(), console.status("patching") as status:
+    with user_errors(), _human_output(as_json), console.status("patching") as status:
         result = patch(Registry(home, db_url), composition, expert, weight, keep_total=keep_total, tau=tau,
                        force=force, device=_device(device), say=status.update)
     _render(result, as_json)
@@ -110,10 +112,15 @@ def replace_cmd(
     """
     from xmerge.merge.operations import replace
 
-    with user_errors(), console.status("replacing") as status:
+    with user_errors(), _human_output(as_json), console.status("replacing") as status:
         result = replace(Registry(home, db_url), composition, domain, expert, tau=tau, force=force,
                          device=_device(device), say=status.update)
     _render(result, as_json)
+
+
+def _human_output(as_json: bool):
+    """With --json, progress written to stdout by the work (bars, status) goes to stderr instead."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 def _device(device: str) -> str:

@@ -22,15 +22,20 @@ GOOD_NOISE = 1e-5  # an expert that stays within any gate tolerance of the seed
 BAD_NOISE = 0.5  # a "noised expert": large noise on every tensor
 
 
-@pytest.fixture()
-def reg(tmp_path):
-    teacher_dir = tmp_path / "teacher"
+def make_registry(root) -> Registry:
+    """A registry under `root` with seed `tiny` converted from the tiny Llama teacher."""
+    teacher_dir = root / "teacher"
     tiny_teacher("llama").save_pretrained(teacher_dir)
     tiny_tokenizer().save_pretrained(teacher_dir)
-    registry = Registry(tmp_path / "home")
+    registry = Registry(root / "home")
     registry.init()
     create_seed(registry, "tiny", str(teacher_dir), window=8, sinks=2)
     return registry
+
+
+@pytest.fixture()
+def reg(tmp_path):
+    return make_registry(tmp_path)
 
 
 def add_expert(reg, domain: str, noise: float, seed: int, *, seed_name: str = "tiny", nan: bool = False):
