@@ -168,8 +168,6 @@ def train_expert(reg, recipe: TrainRecipe, *, seed_name: str | None = None, devi
     ckpt = run_dir / "checkpoint"
     progress = read_progress(ckpt) if resume else None
     if progress is None:
-        if resume:
-            say("no checkpoint of this recipe to resume; starting from the seed")
         shutil.rmtree(run_dir, ignore_errors=True)
         progress = Progress(stage=1, step=0)
     else:
