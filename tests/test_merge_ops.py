@@ -9,12 +9,12 @@ from sqlalchemy import func, select
 
 from common import tiny_teacher, tiny_tokenizer
 from xmerge.evals.quick import EvalSet
-from xmerge.experts.seed import create_seed
+from xmerge.errors import XmergeError
+from xmerge.experts.seed import checkout_cached, create_seed
 from xmerge.experts.targets import topk_logprobs
 from xmerge.merge.operations import compose, patch, replace
 from xmerge.merge.recipe import RECIPE_FILE, run_recipe
 from xmerge.merge.search import Score, search_weights
-from xmerge.experts.seed import checkout_cached
 from xmerge.registry import Registry
 from xmerge.registry.schema import EvalRunRow
 
@@ -215,3 +215,14 @@ def test_compose_with_search_records_the_trace_and_composes_the_best(reg):
     assert [m.weight for m in result.composition.members] == best["weights"]
     assert_tensors_equal(weights_of(reg, result.composition),
                          expected_sum(reg, [(math, best["weights"][0]), (code, best["weights"][1])]))
+
+
+def test_an_expert_of_another_shape_never_reaches_a_merge(reg):
+    """Shape mismatches are refused when the expert is registered, so compose never sees one."""
+    tensors = load_file(reg.blob_path(reg.resolve("seed:tiny").weights_sha))
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+    save_file(tensors, reg.home / "wrong.safetensors")
+    with pytest.raises(XmergeError, match=f"does not match seed 'tiny' tensors: {name}"):
+        reg.add_expert("tiny", "math", reg.home / "wrong.safetensors")
+    assert reg.list_experts() == []
