@@ -151,9 +151,13 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
 
 
 @torch.inference_mode()
-def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
                    progress: bool = True) -> list[str]:
-    """Greedy answers of `model` to each prompt, asked through its chat template."""
+    """Greedy answers of `model` to each prompt, asked through its chat template.
+
+    Large batches matter on CPU: SmolLM2-135M answered the 120 prompts (128 new tokens) in
+    ~9 min at batch 60 on 2 busy cores, and had not finished after 19 min at batch 16.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     answers: list[str] = []
