@@ -156,7 +156,7 @@ def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     """Greedy answers of `model` to each prompt, asked through its chat template.
 
     Large batches matter on CPU: SmolLM2-135M answered the 120 prompts (128 new tokens) in
-    ~9 min at batch 60 on 2 busy cores, and had not finished after 19 min at batch 16.
+    ~9 min at batch 60 on 2 busy cores, and had not finished after 18 min at batch 16.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
