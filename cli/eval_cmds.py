@@ -47,6 +47,9 @@ def eval_cmd(
     from xmerge.evals.run import evaluate_ref, report_dir
 
     with user_errors():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the status line below is the progress display
         reg = Registry(home, db_url)
         out = out or report_dir(reg, ref, suite)
         wanted = [d.strip() for d in domains.split(",") if d.strip()] if domains is not None else None

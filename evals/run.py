@@ -28,7 +28,7 @@ from xmerge.evals.report import plot_recovery, write_json
 from xmerge.experts.targets import teacher_hash
 from xmerge.registry import Composition, Expert, Registry, RegistryError, Seed
 
-DEFAULT_DOMAINS = ("math", "code")  # chat only on request: its preset makes the teacher write answers first
+DEFAULT_DOMAINS = ("code", "math")  # chat only on request: its preset makes the teacher write answers first
 DEFAULT_TAU = 0.02
 TEACHER = "teacher"
 
