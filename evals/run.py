@@ -73,10 +73,11 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """The gate report plus what was compared, JSON-ready: report.json and `xmerge eval --json`."""
-        return json_safe({"model": self.model.ref, "model_hash": self.model.hash, "reference": self.reference.ref,
-                "reference_hash": self.reference.hash, "suite": self.suite, "domains": list(self.domains),
-                "cached": self.cached, "evaluated": list(self.evaluated), "eval_run_id": self.eval_run_id,
-                **self.verdict.report})
+        return json_safe({
+            "model": self.model.ref, "model_hash": self.model.hash,
+            "reference": self.reference.ref, "reference_hash": self.reference.hash,
+            "suite": self.suite, "domains": list(self.domains), "cached": self.cached,
+            "evaluated": list(self.evaluated), "eval_run_id": self.eval_run_id, **self.verdict.report})
 
 
 def resolve_device(device: str) -> str:
@@ -111,19 +112,24 @@ def _record_subject(reg: Registry, record: Seed | Expert | Composition, device: 
     return Subject(ref, record.weights_sha, lambda: _load_dir(checkout_cached(reg, record), device), seed, domains)
 
 
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.endswith("/")
+def _looks_like_path(ref: str | Path) -> bool:
+    return isinstance(ref, Path) or ref.startswith((".", "/", "~")) or ref.endswith("/")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.gguf"))
 
 
 def resolve_subject(reg: Registry, ref_or_dir: str | Path, device: str) -> Subject:
-    """A registry ref (seed, expert, composition) or a model directory, as a Subject."""
+    """A registry ref (seed, expert, composition) or a model directory, as a Subject. A bare name is a
+    directory only if it holds a model (a folder ./code does not hide the code expert)."""
     path = Path(ref_or_dir).expanduser()
-    if path.is_dir():
+    if path.is_dir() and (_looks_like_path(ref_or_dir) or _is_model_dir(path)):
         path = path.absolute()
         return Subject(str(path), teacher_hash(path), lambda: _load_dir(path, device), None, DEFAULT_DOMAINS)
-    if path.exists():
+    if path.is_file():
         raise XmergeError(f"{ref_or_dir} is a file; pass a model directory or a registry ref")
-    if isinstance(ref_or_dir, Path) or _looks_like_path(ref_or_dir):
+    if _looks_like_path(ref_or_dir):
         raise XmergeError(f"model directory {ref_or_dir} does not exist")
     return _record_subject(reg, reg.resolve(ref_or_dir), device)
 
@@ -140,7 +146,7 @@ def _seed_for_directory(reg: Registry, subject: Subject, seed_name: str | None) 
     seeds = reg.list_seeds()
     if not seeds:
         raise XmergeError("no seed is registered; the eval sets (held-out data, teacher targets) come from a "
-                          "seed: create one with `xmerge seeds create`")
+                          "seed: create one with `xmerge seed create NAME`")
 
     def matches(seed: Seed) -> bool:
         if seed.teacher_hash == subject.hash:

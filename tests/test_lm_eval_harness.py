@@ -13,7 +13,6 @@ import torch
 from common import tiny_student, tiny_tokenizer
 from xmerge.modeling.convert import save_student
 
-pytest.importorskip("lm_eval")
 
 TASK = """task: xmerge_local_sums
 dataset_path: json
