@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per configuration")
     parser.add_argument("--memory-steps", type=int, default=512, help="decode steps of the memory run (8x4096)")
     parser.add_argument("--budget-s", type=float, default=400, help="skip what would start after this many seconds")
+    parser.add_argument("--profile", default="", help="prompt lengths whose student prefill to profile (top CUDA ops)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     # FlexAttention compiles once per input shape; every benchmarked shape must keep its compiled kernel
@@ -157,8 +158,18 @@ def main() -> None:
             save()
             print("prefill", json.dumps(row), flush=True)
 
+        for length in filter(None, args.profile.split(",")):
+            ids = torch.randint(0, vocab, (1, int(length)), device="cuda")
+            first_token(student, ids)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                first_token(student, ids)
+                torch.cuda.synchronize()
+            print(f"student prefill profile at {length}:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
         memory_config = (8, 4096)
-        for config in args.decode.split(","):
+        for config in filter(None, args.decode.split(",")):
             batch, prompt = map(int, config.split("x"))
             if over_budget(f"decode {config}"):
                 break

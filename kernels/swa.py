@@ -14,19 +14,46 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
 
 
+BLOCK = 128  # FlexAttention's default sparse block size
+
+
 @functools.lru_cache(maxsize=64)
 def window_sink_block_mask(seq: int, window: int, sinks: int, device: str) -> BlockMask:
-    """Block mask for one (seq, window, sinks); cached, since building it costs a kernel launch."""
+    """Block mask for one (seq, window, sinks), built from block coordinates; cached.
+
+    ``create_block_mask`` evaluates the mask on all seq² pairs (128 GiB of int64 at 128K); the
+    visible and fully visible blocks follow from the block corners alone. Query block i covers
+    rows i0..i1, key block j keys j0..j1 (sequence padded to whole blocks, as FlexAttention does).
+    """
 
     def visible(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sinks))
 
-    return create_block_mask(visible, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device=device)
+    blocks = -(-seq // BLOCK)
+    first = torch.arange(blocks, device=device) * BLOCK
+    i0, i1 = first[:, None], first[:, None] + BLOCK - 1  # (NB, 1) query block rows
+    j0, j1 = first[None, :], first[None, :] + BLOCK - 1  # (1, NB) key block columns
+    below = j0 <= i0  # key block at or before the query block
+    some = below & ((i0 - j1 < window) | (j0 < sinks))
+    # every key of the block is seen by every row: strictly earlier block, each key a sink or in reach of
+    # the last row, and no padding in it (like create_block_mask, which sees padded pairs as masked)
+    full = (j1 <= i0) & (i1 < seq) & ((j1 < sinks) | (i1 - torch.clamp(j0, min=sinks) < window))
+    partial = some & ~full
+
+    def indexed(selected):  # (NB, NB) bool -> counts (1, 1, NB) and selected block indices first (1, 1, NB, NB)
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)
+        return selected.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    kv_num, kv_idx = indexed(partial)
+    full_num, full_idx = indexed(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=visible, seq_lengths=(seq, seq)
+    )
 
 
 def swa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int) -> torch.Tensor:

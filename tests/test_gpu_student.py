@@ -97,8 +97,9 @@ def test_greedy_generate_with_cache_equals_reference(mixer, monkeypatch):
     for kernels in (False, True):
         monkeypatch.setenv("XMERGE_KERNELS", "1" if kernels else "0")
         with torch.no_grad():
-            outs[kernels] = model.generate(
-                prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=256
+            outs[kernels] = model.generate(  # explicit mask: random prompts contain the pad id
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                eos_token_id=None, pad_token_id=256,
             )
     assert outs[True].shape == (2, 190)  # prefill through the kernels, then 40 cached decode steps
     assert torch.equal(outs[True], outs[False])
