@@ -24,6 +24,9 @@ TEACHER = "smollm2-135m-instruct"
 WINDOW = 128
 BUDGET = dict(seq_len=256, batch_size=2, stage1_tokens=2 * 256 * 6, stage2_tokens=2 * 256 * 4, top_k=64,
               heldout_blocks=2)
+# The second code expert: the same data with a larger Stage II lr, offered to the gate as a replacement.
+CODE_V2 = dict(BUDGET, lr2=1e-4)
+COMPOSITION = "demo-mix"
 
 
 def _step(title: str) -> None:
@@ -53,8 +56,10 @@ def demo(home: Home = None, db_url: DbUrl = None,
 
     Example: xmerge demo --home .xmerge-demo
     """
+    from xmerge.cli.merge_cmds import render_result
     from xmerge.experts.seed import create_seed
     from xmerge.experts.train import TrainRecipe
+    from xmerge.merge.operations import compose, replace
 
     with user_errors():
         reg = Registry(home, db_url)
@@ -73,3 +78,22 @@ def demo(home: Home = None, db_url: DbUrl = None,
         for domain in ("math", "code"):
             _step(f"3. expert {domain}: Stage I alignment + Stage II sparse-KL distillation")
             experts[domain] = _expert(reg, domain, TrainRecipe(domain=domain, **BUDGET), console=console)
+
+        _step(f"4. compose {COMPOSITION}: math=0.5, code=0.5 (linear), gated by the quick eval")
+        current = next(iter(reg.list_compositions(COMPOSITION)[-1:]), None)
+        if current is None:
+            result = compose(reg, COMPOSITION, f"{experts['math'].id}=0.5,{experts['code'].id}=0.5",
+                             seed=DEMO_SEED, say=console.print)
+            render_result(result, exit_on_reject=False)
+            current = result.composition
+        else:
+            console.print(f"reusing composition {current.ref}")
+
+        _step("5. a second code expert, then a gated replace")
+        code_v2 = _expert(reg, "code", TrainRecipe(domain="code", **CODE_V2), console=console)
+        tried = [op for op in reg.list_operations(COMPOSITION, kind="replace") if op.inputs.get("expert_id") == code_v2.id]
+        if tried:
+            console.print(f"replace with {code_v2.ref} already decided: {tried[-1].decision} (operation {tried[-1].id})")
+        elif current is not None:
+            render_result(replace(reg, current.ref, "code", f"expert:{code_v2.id}", say=console.print),
+                          exit_on_reject=False)

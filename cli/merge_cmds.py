@@ -64,7 +64,7 @@ def compose_cmd(
                          allow_negative=allow_negative, gate=gate, tau=tau, force=force,
                          search_budget=(12 if budget is None else budget) if search else None,
                          search_seed=search_seed, device=_device(device), say=status.update)
-    _render(result, as_json)
+    render_result(result, as_json)
 
 
 @app.command("patch")
@@ -91,7 +91,7 @@ def patch_cmd(
     with user_errors(), _human_output(as_json), console.status("patching") as status:
         result = patch(Registry(home, db_url), composition, expert, weight, keep_total=keep_total, tau=tau,
                        force=force, device=_device(device), say=status.update)
-    _render(result, as_json)
+    render_result(result, as_json)
 
 
 @app.command("replace")
@@ -115,7 +115,7 @@ def replace_cmd(
     with user_errors(), _human_output(as_json), console.status("replacing") as status:
         result = replace(Registry(home, db_url), composition, domain, expert, tau=tau, force=force,
                          device=_device(device), say=status.update)
-    _render(result, as_json)
+    render_result(result, as_json)
 
 
 def _human_output(as_json: bool):
@@ -131,7 +131,7 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _render(result, as_json: bool) -> None:
+def render_result(result, as_json: bool = False, *, exit_on_reject: bool = True) -> None:
     """Members, search trace, gate table and decision (or one JSON object); exit 2 when rejected."""
     if as_json:
         typer.echo(json.dumps({
@@ -152,7 +152,7 @@ def _render(result, as_json: bool) -> None:
         if "gate" in report:
             console.print(_gate_table(report["gate"], report["reference"], "current" if result.parent else "expert"))
         _print_decision(result)
-    if result.decision == "rejected":
+    if result.decision == "rejected" and exit_on_reject:
         raise typer.Exit(REJECTED_EXIT)
 
 

@@ -58,6 +58,14 @@ class HybridCache:
                 total += t.numel() * t.element_size()
         return total
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: keep the rows ``beam_idx`` (B,) of every per-row buffer."""
+        self.start = self.start.index_select(0, beam_idx)
+        for layer in self.layers:
+            layer.mlstm = tuple(t.index_select(0, beam_idx) for t in layer.mlstm)
+            for name in ("ring_k", "ring_v", "sink_k", "sink_v", "sink_pos"):
+                setattr(layer, name, getattr(layer, name).index_select(0, beam_idx))
+
     @staticmethod
     def write_window(layer: LayerCache, k, v, positions: torch.Tensor) -> None:
         """Keep the last W of the new rotated keys/values (k, v: (B, Hkv, T, D)) in the ring."""

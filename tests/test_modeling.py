@@ -185,3 +185,13 @@ def test_cache_memory_independent_of_generated_length():
             assert cache.seen == 8 + n
             cache_sizes[n] = cache.nbytes()
     assert cache_sizes[100] == cache_sizes[1000] > 0
+
+
+def test_beam_search_with_cache_equals_without():
+    student = tiny_student("llama", window=6, sinks=2)
+    prompt = torch.randint(0, 259, (1, 9))
+    kwargs = dict(max_new_tokens=10, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=256)
+    with torch.no_grad():
+        cached = student.generate(prompt, **kwargs)
+        uncached = student.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
