@@ -1,6 +1,7 @@
 """The student on CUDA: kernel path (modeling/dispatch.py) against the reference path (XMERGE_KERNELS=0).
 
-Runs on the device machine; skipped without CUDA. Errors are relative in the Frobenius norm.
+Tests marked gpu run on the device machine and are skipped without CUDA; the last two (graph-safe
+decode step, analytic block mask) run on CPU too. Errors are relative in the Frobenius norm.
 Tolerances: fp32 1e-4 for logits and 1e-3 for gradients (both paths fp32 IEEE; the chunkwise and
 FlexAttention sums run in another order). bf16 autocast: the kernel path must be within
 max(3e-2, 2 × the reference path's own autocast error), both measured against the fp32 reference.
@@ -8,13 +9,25 @@ max(3e-2, 2 × the reference path's own autocast error), both measured against t
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+
 import pytest
 import torch
 
 from common import tiny_student
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-pytest.importorskip("triton")
+needs_gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+]
+
+
+def gpu(test):
+    for mark in needs_gpu:
+        test = mark(test)
+    return test
 
 SEQ, WINDOW, SINKS, CHUNK = 200, 32, 4, 16  # crosses chunk and window boundaries many times
 
@@ -39,6 +52,7 @@ def logits_and_grads(model, ids, *, kernels: bool, autocast: bool, monkeypatch, 
     return logits.detach(), grads
 
 
+@gpu
 def test_kernel_path_is_taken_and_switch_forces_reference(student, monkeypatch):
     from xmerge.modeling import dispatch
 
@@ -56,6 +70,7 @@ def test_kernel_path_is_taken_and_switch_forces_reference(student, monkeypatch):
     assert len(calls) == student.config.num_hidden_layers
 
 
+@gpu
 def test_fp32_logits_and_all_gradients_match_reference(student, monkeypatch):
     ids = torch.randint(0, 259, (2, SEQ), device="cuda")
     ref_logits, ref_grads = logits_and_grads(student, ids, kernels=False, autocast=False, monkeypatch=monkeypatch)
@@ -66,6 +81,7 @@ def test_fp32_logits_and_all_gradients_match_reference(student, monkeypatch):
     assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
 
+@gpu
 def test_bf16_autocast_within_reference_autocast_error(student, monkeypatch):
     ids = torch.randint(0, 259, (2, SEQ), device="cuda")
     exact_logits, exact_grads = logits_and_grads(student, ids, kernels=False, autocast=False, monkeypatch=monkeypatch)
@@ -77,6 +93,7 @@ def test_bf16_autocast_within_reference_autocast_error(student, monkeypatch):
         assert rel_err(grads[name], exact_grads[name]) < bound, name
 
 
+@gpu
 def test_left_padded_batch_matches_reference(student, monkeypatch):
     # padding sends SWA to the reference; the mLSTM kernel sees ĩ = -inf on the padded slots
     ids = torch.randint(0, 259, (3, 150), device="cuda")
@@ -89,6 +106,7 @@ def test_left_padded_batch_matches_reference(student, monkeypatch):
     assert rel_err(ours[real], ref[real]) < 1e-4
 
 
+@gpu
 @pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
 def test_greedy_generate_with_cache_equals_reference(mixer, monkeypatch):
     model = tiny_student("qwen2", mixer=mixer, window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
@@ -105,6 +123,7 @@ def test_greedy_generate_with_cache_equals_reference(mixer, monkeypatch):
     assert torch.equal(outs[True], outs[False])
 
 
+@gpu
 def test_prefill_state_passes_to_decode(monkeypatch):
     # logits of a kernel prefill + cached steps equal the reference's full recompute at every step
     model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
@@ -121,6 +140,7 @@ def test_prefill_state_passes_to_decode(monkeypatch):
     assert rel_err(torch.stack(stepped, dim=1), full) < 1e-4
 
 
+@gpu
 @pytest.mark.parametrize("mixer", ["hybrid", "swa"])
 def test_graphed_greedy_decode_equals_eager_generate(mixer):
     from xmerge.modeling.decode_graph import GraphedGreedyDecoder
@@ -138,3 +158,47 @@ def test_graphed_greedy_decode_equals_eager_generate(mixer):
         graphed = torch.cat([decoder.generate(25), decoder.generate(35)], dim=1)
     assert out.past_key_values.seen == 160
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("mixer,family", itertools.product(["hybrid", "swa", "mlstm"], ["llama", "olmo2"]))
+def test_graph_safe_decode_step_equals_eager_step(mixer, family):
+    from xmerge.modeling.decode_graph import decode_step
+
+    model = tiny_student(family, mixer=mixer, window=8, sinks=3, chunk_size=4)
+    ids = torch.randint(0, 259, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask, use_cache=True)
+        stepped = model(ids, attention_mask=mask, use_cache=True)
+        eager_cache, step_cache = eager.past_key_values, stepped.past_key_values
+        tok = eager.logits[:, -1:].argmax(-1)
+        slot = torch.tensor([step_cache.seen])
+        for _ in range(25):  # crosses the window (8) three times
+            logits_eager = model(tok, past_key_values=eager_cache).logits
+            logits_step = decode_step(model, tok, slot, step_cache)
+            slot += 1
+            assert torch.equal(logits_step, logits_eager)
+            tok = logits_eager[:, -1:].argmax(-1)
+
+
+@pytest.mark.parametrize("seq,window,sinks", [(1000, 512, 4), (2048, 2048, 4), (700, 100, 0), (1300, 130, 200), (129, 5, 130)])
+def test_block_mask_from_block_coordinates_equals_create_block_mask(seq, window, sinks):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from xmerge.kernels.swa import window_sink_block_mask
+
+    ours = window_sink_block_mask(seq, window, sinks, "cpu")
+    ref = create_block_mask(
+        lambda b, h, q, k: (k <= q) & ((q - k < window) | (k < sinks)), None, None, seq, seq, device="cpu"
+    )
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    for row in range(ours.kv_num_blocks.shape[-1]):
+        for num, idx, ref_num, ref_idx in (
+            (ours.kv_num_blocks, ours.kv_indices, ref.kv_num_blocks, ref.kv_indices),
+            (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_num_blocks, ref.full_kv_indices),
+        ):
+            n = int(num[0, 0, row])
+            assert set(idx[0, 0, row, :n].tolist()) == set(ref_idx[0, 0, row, :n].tolist())
