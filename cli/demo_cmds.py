@@ -16,6 +16,7 @@ from rich.rule import Rule
 from xmerge.cli.app import app
 from xmerge.cli.errors import console, user_errors
 from xmerge.cli.registry_cmds import DbUrl, Home
+from xmerge.errors import XmergeError
 from xmerge.registry import Registry
 
 DEMO_SEED = "demo"
@@ -57,7 +58,9 @@ def demo(home: Home = None, db_url: DbUrl = None,
     Example: xmerge demo --home .xmerge-demo
     """
     from xmerge.cli.merge_cmds import render_result
-    from xmerge.experts.seed import create_seed
+    from xmerge.evals.report import print_report
+    from xmerge.evals.run import evaluate_ref, report_dir
+    from xmerge.experts.seed import checkout_cached, create_seed
     from xmerge.experts.train import TrainRecipe
     from xmerge.merge.operations import compose, replace
 
@@ -97,3 +100,17 @@ def demo(home: Home = None, db_url: DbUrl = None,
         elif current is not None:
             render_result(replace(reg, current.ref, "code", f"expert:{code_v2.id}", say=console.print),
                           exit_on_reject=False)
+
+        _step(f"6. quick eval of the newest {COMPOSITION} against the teacher")
+        versions = reg.list_compositions(COMPOSITION)
+        if not versions:
+            raise XmergeError(f"the gate rejected the first compose of {COMPOSITION} (table above); nothing to evaluate")
+        newest = versions[-1]
+        reports = report_dir(reg, newest.ref, "quick")
+        with console.status("evaluating") as status:
+            report = evaluate_ref(reg, newest.ref, suite="quick", out=reports, say=status.update)
+        print_report(report.verdict.report, console)
+        merged = reg.checkout(newest, out) if out is not None else checkout_cached(reg, newest)
+        console.print(f"\n[bold green]done.[/] merged model {newest.ref}: {merged}\n"
+                      f"report: {reports / 'report.json'} and {reports / 'recovery.png'}\n"
+                      f"lineage: xmerge lineage {newest.ref} --home {reg.home}", highlight=False)

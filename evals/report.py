@@ -37,21 +37,21 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(f"[bold red]regressed:[/] {line}", highlight=False)
 
 
-def _json_safe(value):
+def json_safe(value):
     """Non-finite floats as strings ("inf", "nan"): strict JSON has no Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_json(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     return path
 
 

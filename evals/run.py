@@ -23,7 +23,7 @@ import torch
 from xmerge.errors import XmergeError
 from xmerge.evals.metrics import GateVerdict, Metric, compare
 from xmerge.evals.quick import SUITES, EvalSet, evaluate
-from xmerge.evals.report import _json_safe as json_safe
+from xmerge.evals.report import json_safe
 from xmerge.evals.report import plot_recovery, write_json
 from xmerge.experts.targets import teacher_hash
 from xmerge.registry import Composition, Expert, Registry, RegistryError, Seed

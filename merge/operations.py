@@ -17,7 +17,7 @@ from pathlib import Path
 
 from xmerge.errors import XmergeError
 from xmerge.evals.metrics import GateVerdict, compare, recoveries, win_tie_rate
-from xmerge.evals.report import _json_safe
+from xmerge.evals.report import json_safe
 from xmerge.experts.seed import checkout_cached
 from xmerge.merge.checkpoint import MODEL_FILE
 from xmerge.merge.gate import EvalSetsFn, ModelEvaluator, decide
@@ -165,7 +165,7 @@ def _attempt(ctx: _Context, kind: str, name: str, members: list[Member], experts
                 method=method, params=settings, parent_id=parent.id if parent is not None else None,
                 weights=candidate / MODEL_FILE,
                 extra_files={RECIPE_FILE: candidate / RECIPE_FILE, CARD_FILE: candidate / CARD_FILE})
-    report = _json_safe(report)
+    report = json_safe(report)
     operation = reg.record_operation(kind, composition=name, inputs=inputs, report=report, decision=decision,
                                      who=who or _user(), result_composition_id=composition.id if composition else None)
     return OperationResult(kind, decision, operation, members, report, composition, parent)
