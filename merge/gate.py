@@ -17,8 +17,6 @@ Which reference a candidate is gated against:
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,24 +24,11 @@ import torch
 
 from xmerge.errors import XmergeError
 from xmerge.evals.metrics import Metric
-from xmerge.evals.quick import EvalSet, evaluate
+from xmerge.evals.quick import EvalSet
+from xmerge.evals.run import Subject, domain_metrics, eval_set_fingerprint
 from xmerge.registry import Expert, Registry, Seed
 
 EvalSetsFn = Callable[[list[str]], Mapping[str, EvalSet]]  # domains -> each domain's held-out eval set
-
-
-def eval_set_fingerprint(data: EvalSet) -> str:
-    """sha256 over an eval set's tokens, teacher targets and problems: the cache's reference key."""
-    digest = hashlib.sha256()
-    for tensor in (data.blocks, data.target_indices, data.target_logprobs):
-        if tensor is None:
-            digest.update(b"none")
-            continue
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for problem in data.problems:
-        digest.update(f"{problem.prompt}\0{problem.answer}\0".encode())
-    return digest.hexdigest()
 
 
 class ModelEvaluator:
@@ -64,7 +49,7 @@ class ModelEvaluator:
         self._build_sets = eval_sets
         self._sets: dict[str, tuple[EvalSet, str]] = {}  # domain -> (eval set, fingerprint)
         self._tokenizer = None
-        self.evaluated = 0  # domains actually evaluated (cache misses), for reports and tests
+        self._evaluated: list[str] = []  # "<ref> <domain>" of every cache miss
 
     def _eval_sets(self, domains: Sequence[str]) -> dict[str, tuple[EvalSet, str]]:
         missing = sorted(set(domains) - self._sets.keys())
@@ -79,26 +64,15 @@ class ModelEvaluator:
 
     def metrics(self, model_dir: Path, model_hash: str, model_ref: str, domains: Sequence[str]) -> list[Metric]:
         """Metrics of the model in `model_dir` (weights sha256 `model_hash`) on `domains`, in sorted domain order."""
-        out: list[Metric] = []
-        model = None
-        for domain, (data, fingerprint) in sorted(self._eval_sets(domains).items()):
-            suite_key = f"{self.suite}/{domain}"
-            cached = self.reg.find_eval(model_hash, suite_key, fingerprint)
-            if cached is not None:
-                out += [Metric(name, domain, float(m["value"]), m["higher_is_better"])
-                        for name, m in cached.metrics.items()]
-                continue
-            if model is None:
-                model = self._load(model_dir)
-            found = evaluate(model, self._load_tokenizer(), self.suite, {domain: data})
-            self.evaluated += 1
-            self.reg.record_eval(
-                model_ref=model_ref, model_hash=model_hash, suite=suite_key, reference_ref=f"eval-set:{domain}",
-                reference_hash=fingerprint, w_tau={}, tau_star=None, report_path=None,
-                metrics={m.name: {"value": m.value if math.isfinite(m.value) else str(m.value),
-                                  "higher_is_better": m.higher_is_better} for m in found})
-            out += found
-        return out
+        subject = Subject(ref=model_ref, hash=model_hash, load=lambda: self._load(model_dir), seed=self.seed,
+                          domains=tuple(domains))
+        return domain_metrics(self.reg, subject, self._eval_sets(domains), self.suite, self._load_tokenizer(),
+                              self._evaluated)
+
+    @property
+    def evaluated(self) -> int:
+        """Domains actually evaluated (cache misses), for reports and tests."""
+        return len(self._evaluated)
 
     def expert_reference(self, experts: Sequence[Expert]) -> list[Metric]:
         """Each expert's metrics on its own domain: the reference of a first compose and of the search."""

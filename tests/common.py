@@ -82,3 +82,32 @@ def tiny_student(family: str = "llama", seed: int = 0, **student_kwargs):
     from xmerge.modeling.convert import convert_teacher
 
     return convert_teacher(tiny_teacher(family, seed), **student_kwargs).eval()
+
+
+def tiny_registry(root, *, seed_name: str = "tiny", family: str = "llama"):
+    """A registry under ``root`` holding seed ``seed_name``, converted from a tiny teacher saved in ``root``."""
+    from xmerge.experts.seed import create_seed
+    from xmerge.registry import Registry
+
+    teacher_dir = root / "teacher"
+    tiny_teacher(family).save_pretrained(teacher_dir)
+    tiny_tokenizer().save_pretrained(teacher_dir)
+    registry = Registry(root / "home")
+    registry.init()
+    create_seed(registry, seed_name, str(teacher_dir), window=8, sinks=2)
+    return registry
+
+
+def add_noised_expert(reg, domain: str, noise: float, seed: int, *, seed_name: str = "tiny", nan: bool = False):
+    """Register the seed's weights plus Gaussian noise (std ``noise``) as an expert of ``domain``."""
+    from safetensors.torch import load_file, save_file
+
+    base = reg.resolve(f"seed:{seed_name}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: t + noise * torch.randn(t.shape, generator=generator)
+               for name, t in load_file(reg.blob_path(base.weights_sha)).items()}
+    if nan:
+        next(iter(tensors.values())).view(-1)[0] = float("nan")
+    path = reg.home / f"expert-{domain}-{seed}.safetensors"
+    save_file(tensors, path)
+    return reg.add_expert(seed_name, domain, path)

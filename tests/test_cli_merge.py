@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from test_merge_ops import BAD_NOISE, GOOD_NOISE, add_expert, make_registry, reg  # noqa: F401  (reg: a fixture)
+from common import tiny_registry
+from test_merge_ops import BAD_NOISE, GOOD_NOISE, add_expert, reg  # noqa: F401  (reg: a fixture)
 from xmerge.cli.app import app
 from xmerge.merge.operations import compose
 
@@ -39,7 +40,7 @@ def setup(reg):  # noqa: F811
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One registry for the bad-input tests (none of them may write): experts and composition mix@v1."""
-    registry = make_registry(tmp_path_factory.mktemp("shared"))
+    registry = tiny_registry(tmp_path_factory.mktemp("shared"))
     experts = add_experts(registry)
     compose(registry, "mix", "math=0.5,code=0.5", seed="tiny", gate=False)
     return registry, experts

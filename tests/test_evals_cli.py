@@ -9,18 +9,15 @@ import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from common import tiny_teacher, tiny_tokenizer
+from common import add_noised_expert as add_expert
+from common import tiny_registry
 from xmerge.cli.app import app
-from xmerge.evals.run import evaluate_ref, eval_set_fingerprint, resolve_subject
+from xmerge.evals.run import evaluate_ref, resolve_subject
 from xmerge.evals.sets import domain_eval_sets
-from xmerge.experts.seed import create_seed
-from xmerge.registry import Registry
 from xmerge.registry.schema import EvalRunRow
 
 BAD_NOISE = 0.5
@@ -28,25 +25,7 @@ BAD_NOISE = 0.5
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evals")
-    teacher_dir = tmp / "teacher"
-    tiny_teacher("llama").save_pretrained(teacher_dir)
-    tiny_tokenizer().save_pretrained(teacher_dir)
-    registry = Registry(tmp / "home")
-    registry.init()
-    create_seed(registry, "tiny", str(teacher_dir), window=8, sinks=2)
-    return registry
-
-
-def add_expert(reg, domain: str, noise: float, seed: int):
-    """The seed's weights plus Gaussian noise (std `noise`), registered as an expert of `domain`."""
-    base = reg.resolve("seed:tiny")
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {name: t + noise * torch.randn(t.shape, generator=generator)
-               for name, t in load_file(reg.blob_path(base.weights_sha)).items()}
-    path = reg.home / f"expert-{domain}-{seed}.safetensors"
-    save_file(tensors, path)
-    return reg.add_expert("tiny", domain, path)
+    return tiny_registry(tmp_path_factory.mktemp("evals"))
 
 
 def eval_rows(reg) -> int:
@@ -126,11 +105,9 @@ def test_checked_out_directory_shares_the_registry_cache(reg, tmp_path):
 
 def test_gate_reads_the_same_per_domain_cache(reg):
     from xmerge.merge.gate import ModelEvaluator
-    from xmerge.merge.gate import eval_set_fingerprint as gate_fingerprint
 
     seed = reg.resolve("seed:tiny")
     sets = domain_eval_sets(reg, seed, ["code"])
-    assert eval_set_fingerprint(sets["code"]) == gate_fingerprint(sets["code"])
     expert = add_expert(reg, "code", BAD_NOISE, seed=4)
     ours = evaluate_ref(reg, expert.ref)
     gate = ModelEvaluator(reg, seed, eval_sets=lambda domains: {d: sets[d] for d in domains})

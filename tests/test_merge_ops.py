@@ -7,48 +7,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import func, select
 
-from common import tiny_teacher, tiny_tokenizer
+from common import add_noised_expert as add_expert
+from common import tiny_registry, tiny_teacher
 from xmerge.evals.quick import EvalSet
 from xmerge.errors import XmergeError
-from xmerge.experts.seed import checkout_cached, create_seed
+from xmerge.experts.seed import checkout_cached
 from xmerge.experts.targets import topk_logprobs
 from xmerge.merge.operations import compose, patch, replace
 from xmerge.merge.recipe import RECIPE_FILE, run_recipe
 from xmerge.merge.search import Score, search_weights
-from xmerge.registry import Registry
 from xmerge.registry.schema import EvalRunRow
 
 GOOD_NOISE = 1e-5  # an expert that stays within any gate tolerance of the seed
 BAD_NOISE = 0.5  # a "noised expert": large noise on every tensor
 
 
-def make_registry(root) -> Registry:
-    """A registry under `root` with seed `tiny` converted from the tiny Llama teacher."""
-    teacher_dir = root / "teacher"
-    tiny_teacher("llama").save_pretrained(teacher_dir)
-    tiny_tokenizer().save_pretrained(teacher_dir)
-    registry = Registry(root / "home")
-    registry.init()
-    create_seed(registry, "tiny", str(teacher_dir), window=8, sinks=2)
-    return registry
-
-
 @pytest.fixture()
 def reg(tmp_path):
-    return make_registry(tmp_path)
-
-
-def add_expert(reg, domain: str, noise: float, seed: int, *, seed_name: str = "tiny", nan: bool = False):
-    """Register the seed's weights plus Gaussian noise (std `noise`) as an expert of `domain`."""
-    base = reg.resolve(f"seed:{seed_name}")
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {name: t + noise * torch.randn(t.shape, generator=generator)
-               for name, t in load_file(reg.blob_path(base.weights_sha)).items()}
-    if nan:
-        next(iter(tensors.values())).view(-1)[0] = float("nan")
-    path = reg.home / f"expert-{domain}-{seed}.safetensors"
-    save_file(tensors, path)
-    return reg.add_expert(seed_name, domain, path)
+    return tiny_registry(tmp_path)
 
 
 def tiny_eval_sets(domains):

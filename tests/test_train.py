@@ -15,12 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import tiny_teacher, tiny_tokenizer
+from common import tiny_registry
 from xmerge.errors import XmergeError
-from xmerge.experts.seed import create_seed
 from xmerge.experts.train import TrainRecipe, train_expert
 from xmerge.modeling.student import is_new_parameter
-from xmerge.registry import Registry
 
 XMERGE = [sys.executable, "-m", "xmerge.cli"]
 # A random tiny teacher is no language model: CE on real text pulls away from it, so the KL term leads here.
@@ -29,13 +27,7 @@ SMALL = dict(seq_len=32, batch_size=4, lr1=3e-2, lr2=3e-3, gamma=0.1, beta=0.9, 
 
 @pytest.fixture()
 def setup(tmp_path):
-    teacher_dir = tmp_path / "teacher"
-    tiny_teacher("llama").save_pretrained(teacher_dir)
-    tiny_tokenizer().save_pretrained(teacher_dir)
-    reg = Registry(tmp_path / "home")
-    reg.init()
-    create_seed(reg, "tiny", str(teacher_dir), window=8, sinks=2)
-    return reg, teacher_dir
+    return tiny_registry(tmp_path), tmp_path / "teacher"
 
 
 def weights_of(reg, record) -> dict[str, torch.Tensor]:
