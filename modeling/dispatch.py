@@ -21,7 +21,7 @@ import os
 import torch
 
 from xmerge.modeling.mlstm import MLSTMState, mlstm_chunkwise
-from xmerge.modeling.swa import window_sink_attention
+from xmerge.modeling.swa import blocked_window_sink_attention, window_sink_attention
 
 
 @functools.cache
@@ -83,13 +83,18 @@ def swa_forward(
         dtype = _kernel_dtype(q)
         with torch.autocast("cuda", enabled=False):
             return swa_attention(q.to(dtype), k.to(dtype), v.to(dtype), window, sinks)
-    if ring is not None:
-        ring_k, ring_v, ring_pos = ring
-        k = torch.cat([ring_k, k.to(ring_k.dtype)], dim=2)
-        v = torch.cat([ring_v, v.to(ring_v.dtype)], dim=2)
-        positions_k = torch.cat([ring_pos, positions])
-    else:
-        positions_k = positions
+    if ring is None:
+        return blocked_window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, start=start, window=window)
+    ring_k, ring_v, ring_pos = ring
     return window_sink_attention(
-        q, k, v, positions_k, sink_k, sink_v, sink_pos, q_pos=positions, start=start, window=window
+        q,
+        torch.cat([ring_k, k.to(ring_k.dtype)], dim=2),
+        torch.cat([ring_v, v.to(ring_v.dtype)], dim=2),
+        torch.cat([ring_pos, positions]),
+        sink_k,
+        sink_v,
+        sink_pos,
+        q_pos=positions,
+        start=start,
+        window=window,
     )

@@ -60,6 +60,27 @@ def window_sink_attention(
     )
 
 
+def blocked_window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, *, start, window: int,
+                                  block: int = 256):
+    """window_sink_attention over a sequence's own keys, one query block at a time.
+
+    A block of queries needs only the W - 1 keys before it (plus the sink buffer), so the work is
+    O(T · (W + block)) instead of O(T²). q: (B, H, T, D); k, v: (B, Hkv, T, D) at ``positions`` (T,).
+    """
+    T = q.shape[2]
+    if T <= 2 * block:
+        return window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, q_pos=positions, start=start,
+                                     window=window)
+    outs = []
+    for first in range(0, T, block):
+        last = min(first + block, T)
+        lo = max(0, first - window + 1)
+        outs.append(window_sink_attention(
+            q[:, :, first:last], k[:, :, lo:last], v[:, :, lo:last], positions[lo:last], sink_k, sink_v, sink_pos,
+            q_pos=positions[first:last], start=start, window=window))
+    return torch.cat(outs, dim=2)
+
+
 def swa_reference(q, k, v, *, window: int, sinks: int, start=None):
     """Dense-mask oracle for full sequences: q (B, H, T, D), k/v (B, Hkv, T, D)."""
     B, H, T, D = q.shape

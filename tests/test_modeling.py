@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from common import tiny_student, tiny_teacher, tiny_tokenizer
 from xmerge.modeling.convert import convert_teacher, save_student
 from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
-from xmerge.modeling.swa import swa_reference
+from xmerge.modeling.swa import blocked_window_sink_attention, gather_sinks, swa_reference
 from xmerge.modeling.student import is_new_parameter
 
 FAMILIES = ["llama", "qwen2", "olmo2"]
@@ -141,6 +141,13 @@ def test_window_sink_attention_matches_dense_oracle():
         ref = swa_reference(q, k, v, window=5, sinks=3, start=start)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1, :, 4:], ref[1, :, 4:], rtol=1e-5, atol=1e-6)
+    # query blocks that see only the keys they need (blocks of 3 < window, and of 4 < sinks + window)
+    sink_k, sink_v, sink_pos = gather_sinks(k, v, start, 3, 0)
+    for block in (2, 3, 4):
+        blocked = blocked_window_sink_attention(q, k, v, pos, sink_k, sink_v, sink_pos, start=start, window=5,
+                                                block=block)
+        torch.testing.assert_close(blocked[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(blocked[1, :, 4:], ref[1, :, 4:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
@@ -195,3 +202,18 @@ def test_beam_search_with_cache_equals_without():
         cached = student.generate(prompt, **kwargs)
         uncached = student.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
+
+
+def test_long_prefill_equals_chunked_prefill_through_the_cache():
+    """A 600-token forward (query-blocked SWA, chunkwise mLSTM) equals prefilling it 150 tokens at a
+    time through the cache (ring buffer, sink buffer, carried mLSTM state)."""
+    student = tiny_student("llama", window=100, sinks=4)
+    ids = torch.randint(0, 259, (2, 600))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache, parts = None, []
+        for first in range(0, 600, 150):
+            out = student(ids[:, first : first + 150], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
