@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from xmerge.errors import XmergeError
-from xmerge.experts.targets import TeacherTargets, build_targets, targets_key, teacher_hash
+from xmerge.experts.targets import TeacherTargets, build_targets, find_targets, teacher_hash
 from xmerge.modeling.convert import convert_teacher, save_student
 from xmerge.modeling.teacher import load_teacher, resolve_teacher
 
@@ -55,7 +55,7 @@ class SeedTeacher:
 
     def targets(self, blocks, *, split: str, k: int, fingerprint: str, cache_dir: Path, batch_size: int = 4) -> TeacherTargets:
         """Cached top-k targets of ``blocks`` (N, T); the teacher is loaded only when they are missing."""
-        key = dict(teacher_hash=self.seed.teacher_hash, data_fingerprint=fingerprint, k=k)
-        cached = (Path(cache_dir) / "targets" / targets_key(**key, split=split, blocks=blocks) / "meta.json").exists()
-        return build_targets(None if cached else self(), blocks, **key, split=split, cache_dir=cache_dir,
-                             batch_size=batch_size)
+        key = dict(teacher_hash=self.seed.teacher_hash, data_fingerprint=fingerprint, k=k, split=split,
+                   cache_dir=cache_dir)
+        cached = find_targets(blocks, **key)
+        return cached if cached is not None else build_targets(self(), blocks, **key, batch_size=batch_size)
