@@ -55,7 +55,7 @@ def run_stage(
                     group["lr"] = lr_at(step)
                 loss = loss_at(step)
                 if not torch.isfinite(loss):
-                    raise XmergeError(f"Stage {stage} loss became {loss.item()} at step {step}; lower the learning rate")
+                    raise XmergeError(f"Stage {'I' * stage} loss became {loss.item()} at step {step}; lower the learning rate")
                 accelerator.backward(loss)
                 if grad_clip:
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
@@ -73,7 +73,7 @@ def run_stage(
         except KeyboardInterrupt:
             _save(accelerator, checkpoint_dir, model_to_save, optimizer, state)
             raise TrainingInterrupted(
-                f"interrupted in Stage {stage} at step {state.step}/{total_steps}; checkpoint saved, "
+                f"interrupted in Stage {'I' * stage} at step {state.step}/{total_steps}; checkpoint saved, "
                 "re-run with --resume to continue"
             ) from None
     return state

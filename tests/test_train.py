@@ -65,26 +65,35 @@ def _train_cmd(home: Path, *extra: str) -> list[str]:
             "--lr2", "3e-3", "--top-k", "16", "--checkpoint-every", "1", *extra]
 
 
-def test_resume_after_sigkill_is_bit_identical(setup):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupt_then_resume_is_bit_identical(setup, sig):
     reg, _ = setup
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(_train_cmd(reg.home), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(reg.home), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ctrl-C reaches the process as SIGINT with the default disposition (a shell's & would ignore it)
+    proc = subprocess.Popen(_train_cmd(reg.home), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
+    sent = False
+    while not sent and time.time() < deadline and proc.poll() is None:
         for progress in reg.home.glob("runs/*/checkpoint/progress.json"):
             try:
                 state = json.loads(progress.read_text())
             except (OSError, ValueError):
                 continue
             if state["stage"] == 2 and state["step"] >= 5:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = state
+                proc.send_signal(sig)
+                sent = True
+                break
         time.sleep(0.02)
-    proc.wait()
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
-    assert len(reg.list_experts()) == 1, "a killed run registers nothing"
+    _, err = proc.communicate()
+    assert sent, "run finished before it could be interrupted"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 1 and "Traceback" not in err
+        assert "interrupted in Stage II at step" in err and "--resume" in err
+    assert len(reg.list_experts()) == 1, "an interrupted run registers nothing"
     out = subprocess.run(_train_cmd(reg.home, "--resume"), env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "resuming Stage II" in out.stdout
