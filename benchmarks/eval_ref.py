@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from xmerge.benchmarks.quick_eval import forward_only, timed
+from xmerge.benchmarks.quick_eval import forward_only, print_ratio_table, timed
 from xmerge.evals.quick import SUITES
 from xmerge.evals.run import evaluate_ref
 from xmerge.evals.sets import domain_eval_sets
@@ -75,17 +75,13 @@ def main() -> None:
         rows[AGAIN].append(timed(lambda: reports.append(evaluate_ref(reg, expert.ref, domains=domains))))
         rows[BASELINE].append(timed(lambda: forward_only(student, sets, SUITES["quick"].batch_size)))
         assert not reports[0].cached and reports[1].cached and reports[1].evaluated == ()
-    best = {name: min(ts) for name, ts in rows.items()}
     n_blocks = sum(s.blocks.shape[0] for s in sets.values())
     seq = next(iter(sets.values())).blocks.shape[1]
     n_problems = sum(min(len(s.problems), SUITES["quick"].max_problems) for s in sets.values())
     print(f"threads={torch.get_num_threads()} torch={torch.__version__} cpus={os.cpu_count()} "
           f"load={os.getloadavg()[0]:.1f} domains={args.domains} blocks={n_blocks}x{seq} math problems={n_problems}\n")
     print(f"first evaluate_ref of the seed (cold: eval sets, teacher targets, teacher + seed metrics): {cold:.1f} s\n")
-    print("| timed | best wall (s) | ratio vs baseline |")
-    print("|---|---|---|")
-    for name, t in best.items():
-        print(f"| {name} | {t:.1f} | {t / best[BASELINE]:.2f}x |")
+    print_ratio_table(rows, BASELINE)
 
 
 if __name__ == "__main__":

@@ -70,11 +70,16 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, job in jobs.items():
             rows[name].append(timed(job))
-    base = min(rows[baseline])
     n_blocks = sum(s.blocks.shape[0] for s in sets.values())
     n_problems = sum(min(len(s.problems), suite.max_problems) for s in sets.values())
     print(f"threads={torch.get_num_threads()} torch={torch.__version__} domains={args.domains} "
           f"blocks={n_blocks}x{args.seq} math problems={n_problems} (answer ≤ {suite.answer_tokens} tokens)\n")
+    print_ratio_table(rows, baseline)
+
+
+def print_ratio_table(rows: dict[str, list[float]], baseline: str) -> None:
+    """Markdown table of the best time of each row and its ratio to the baseline row's best."""
+    base = min(rows[baseline])
     print("| timed | best wall (s) | ratio vs baseline |")
     print("|---|---|---|")
     for name, ts in rows.items():
