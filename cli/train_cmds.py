@@ -83,6 +83,7 @@ def train_expert_cmd(
     lr2: Annotated[float, typer.Option(help="Stage II constant lr.")] = 1e-5,
     top_k: Annotated[int, typer.Option(help="Teacher top-k for the sparse KL.")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of the same recipe.")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     version: Annotated[Optional[int], typer.Option(help="Expert version (default: next for this domain).")] = None,
@@ -100,7 +101,8 @@ def train_expert_cmd(
     with user_errors():
         recipe = TrainRecipe(domain=domain, data=data, seq_len=seq_len, batch_size=batch_size,
                              stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lr1=lr1, lr2=lr2, top_k=top_k)
-        expert = train_expert(Registry(home, db_url), recipe, seed_name=seed_name, device=device, resume=resume,
+        expert = train_expert(Registry(home, db_url), recipe, seed_name=seed_name, device=device,
+                              precision=precision, resume=resume,
                               version=version, team=team, checkpoint_every=checkpoint_every, console=console)
     if expert is not None:
         m = expert.metrics

@@ -56,12 +56,15 @@ class Suite:
     humaneval_limit: int | None  # None = all 164 problems; only used when humaneval is on
     humaneval: bool = False
     humaneval_tokens: int = 384
+    seq_len: int = 256  # eval block length (capped at the seed's context); the window should not cover it
 
 
 SUITES = {
     "quick": Suite(max_tokens=4096, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
-    "full": Suite(max_tokens=None, batch_size=8, max_problems=None, answer_tokens=96,
-                  humaneval_limit=None, humaneval=True),
+    # GPU-sized: 2K blocks leave a 128-256 window most of each block to the mLSTM; big batches
+    # keep the generation checks (math answers, HumanEval) off the Python-bound path.
+    "full": Suite(max_tokens=32 * 2048, batch_size=64, max_problems=512, answer_tokens=96,
+                  humaneval_limit=None, humaneval=True, seq_len=2048),
 }
 _INT = re.compile(r"-?\d[\d,]*")
 

@@ -15,7 +15,6 @@ from xmerge.evals.quick import SUITES, EvalSet
 from xmerge.experts.data import PRESETS, load_domain
 from xmerge.experts.seed import SeedTeacher, checkout_cached
 
-EVAL_SEQ_LEN = 256
 TOP_K = 64  # enough for top-1 agreement and a top-k KL; keeps the cache small
 
 
@@ -31,9 +30,10 @@ def _domain_source(reg, seed, domain: str) -> str | None:
     return data
 
 
-def domain_eval_sets(reg, seed, domains, *, suite: str = "quick", seq_len: int = EVAL_SEQ_LEN,
-                     device="cpu", teacher: SeedTeacher | None = None) -> dict[str, EvalSet]:
-    """{domain: EvalSet} for ``seed`` (a registry Seed); ``suite`` sets how many held-out tokens.
+def domain_eval_sets(reg, seed, domains, *, suite: str = "quick", device="cpu",
+                     teacher: SeedTeacher | None = None) -> dict[str, EvalSet]:
+    """{domain: EvalSet} for ``seed`` (a registry Seed); ``suite`` sets the block length (capped at
+    the seed's context) and how many held-out tokens.
     Pass ``teacher`` to share one loaded teacher with the caller."""
     if suite not in SUITES:
         raise XmergeError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
@@ -41,7 +41,9 @@ def domain_eval_sets(reg, seed, domains, *, suite: str = "quick", seq_len: int =
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
     cache_dir = Path(reg.home) / "cache"
     teacher = teacher or SeedTeacher(seed, device)
-    heldout_tokens = SUITES[suite].max_tokens or 64 * seq_len
+    cfg = SUITES[suite]
+    seq_len = min(cfg.seq_len, seed.student_config["max_position_embeddings"])
+    heldout_tokens = max(cfg.max_tokens or 64 * seq_len, seq_len)
     sets = {}
     for domain in sorted(set(domains)):
         data = load_domain(domain, tokenizer, seq_len=seq_len, data=_domain_source(reg, seed, domain),

@@ -1,8 +1,10 @@
 """The `chat` preset's documents: built-in instructions answered by the teacher itself.
 
-Answers are generated once, greedily, with the teacher's chat template and cached as jsonl
-under `cache_dir/chat/<key>.jsonl`, key = sha256(teacher hash, tokenizer vocab hash, prompt
-list, max_new_tokens), so a second load never runs the teacher.
+The prompts are 120 hand-written ones followed by templated ones (instruction template x topic,
+in a fixed hashed order), ~2,600 in all; a load asks for the first n it needs. Answers are
+generated greedily with the teacher's chat template and cached per prompt in
+`cache_dir/chat/<key>.jsonl`, key = sha256(teacher hash, tokenizer vocab hash, max_new_tokens),
+so no prompt is ever answered twice and a larger load only answers the new prompts.
 """
 
 from __future__ import annotations
@@ -139,7 +141,61 @@ CHAT_PROMPTS: tuple[str, ...] = (
     "Explain what a hash function is in simple terms.",
     "Describe a sunset over a city in one paragraph.",
 )
-HELDOUT_PERCENT = 20  # the prompt set is small; a fifth keeps the held-out split fillable
+HELDOUT_PERCENT = 20  # a fifth keeps the held-out split of the first prompts fillable
+
+TEMPLATES: tuple[str, ...] = (
+    "Explain {} to a beginner.",
+    "Give three interesting facts about {}.",
+    "Write a short poem about {}.",
+    "What are the pros and cons of {}?",
+    "Summarize the history of {} in one paragraph.",
+    "How would you teach a child about {}?",
+    "Write a short story that involves {}.",
+    "What are common misconceptions about {}?",
+    "Describe {} in five sentences.",
+    "Give me a step-by-step guide to getting started with {}.",
+    "Why does {} matter in everyday life?",
+    "Compare {} with something similar and explain the difference.",
+    "Write a friendly email inviting a colleague to learn about {}.",
+    "List five questions a student might ask about {}, with short answers.",
+    "What would the world look like without {}?",
+    "Write a dialogue between two friends discussing {}.",
+    "What are the main ideas behind {}?",
+    "Give a practical tip related to {}.",
+    "Write a tweet-length summary of {}.",
+    "What careers are connected to {}?",
+    "Create a short quiz with three questions about {}.",
+    "Explain {} using an analogy.",
+    "What is the future of {}?",
+    "Write a haiku about {}.",
+    "Describe a typical day of someone who works with {}.",
+)
+TOPICS: tuple[str, ...] = (
+    "volcanoes", "the immune system", "chess", "coffee", "electric cars", "the moon", "honeybees",
+    "rainforests", "the stock market", "jazz music", "bread baking", "solar panels", "the French Revolution",
+    "recycling", "public libraries", "earthquakes", "the human heart", "video games", "gardening",
+    "the Olympic Games", "dinosaurs", "cloud computing", "friendship", "the Great Wall of China",
+    "origami", "sleep", "penguins", "the printing press", "meditation", "bridges", "tea ceremonies",
+    "the Amazon river", "photography", "vaccines", "trains", "the periodic table", "kindness",
+    "deserts", "programming languages", "the violin", "wind energy", "ancient Egypt", "mushrooms",
+    "time management", "the ocean tides", "bicycles", "museums", "the internet", "glaciers",
+    "board games", "whales", "democracy", "spices", "robots", "the night sky", "marathons",
+    "coral reefs", "handwriting", "birds migrating", "renewable energy", "pottery", "the Renaissance",
+    "rain", "budgeting", "volunteering", "the camera obscura", "maps", "honey", "skyscrapers",
+    "the water cycle", "learning a language", "chocolate", "the Silk Road", "libraries of the future",
+    "owls", "soap", "the telescope", "folk tales", "composting", "airplanes", "mathematics",
+    "the seasons", "snowflakes", "theatre", "the human brain", "knitting", "lighthouses",
+    "fermentation", "space stations", "clean water", "teamwork", "castles", "bamboo", "the postal service",
+    "magnets", "puzzles", "climate change", "street food", "the alphabet", "wolves",
+)
+
+
+def _templated() -> list[str]:
+    prompts = [t.format(topic) for t in TEMPLATES for topic in TOPICS]
+    return sorted(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())  # mixes templates and topics
+
+
+ALL_PROMPTS: tuple[str, ...] = CHAT_PROMPTS + tuple(_templated())
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
@@ -175,19 +231,25 @@ def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     return answers
 
 
-def chat_conversations(model, tokenizer, *, cache_dir: Path, teacher_hash: str, tokenizer_hash: str,
-                       max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
-    """[{prompt, answer}] for every built-in prompt, from the cache or generated once and cached."""
-    key = hashlib.sha256(json.dumps(
-        ["chat/v1", teacher_hash, tokenizer_hash, list(CHAT_PROMPTS), max_new_tokens]).encode()).hexdigest()
+def chat_conversations(model, tokenizer, prompts: list[str], *, cache_dir: Path, teacher_hash: str,
+                       tokenizer_hash: str, max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
+    """[{prompt, answer}] for `prompts`: cached answers are read, only the others are generated
+    (then cached). `model` may be a zero-argument loader, called only if something is missing."""
+    key = hashlib.sha256(json.dumps(["chat/v2", teacher_hash, tokenizer_hash, max_new_tokens]).encode()).hexdigest()
     path = Path(cache_dir) / "chat" / f"{key}.jsonl"
+    known = {}
     if path.exists():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    answers = answer_prompts(model, tokenizer, list(CHAT_PROMPTS), max_new_tokens=max_new_tokens,
-                             progress=progress)
-    rows = [{"prompt": p, "answer": a} for p, a in zip(CHAT_PROMPTS, answers)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-    return rows
+        known = {r["prompt"]: r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    missing = [p for p in dict.fromkeys(prompts) if p not in known]
+    if missing:
+        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        answers = answer_prompts(model, tokenizer, missing, max_new_tokens=max_new_tokens,
+                                 batch_size=256 if on_gpu else 64, progress=progress)
+        known.update(zip(missing, answers))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
+                               for p, a in known.items()), encoding="utf-8")
+        os.replace(tmp, path)
+    return [{"prompt": p, "answer": known[p]} for p in prompts]

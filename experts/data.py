@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import sysconfig
@@ -198,19 +199,31 @@ def _user_texts(data: str, tokenizer) -> tuple[str, list[str], list[str]]:
     return identity, train, heldout
 
 
-def _chat_texts(tokenizer, teacher, cache_dir: Path, max_new_tokens: int) -> tuple[str, list[str], list[str]]:
+def _chat_texts(tokenizer, teacher, cache_dir: Path, max_new_tokens: int, tokens_wanted: tuple[int, int]
+                ) -> tuple[str, list[str], list[str]]:
+    """Identity, train and held-out conversations of the first n built-in prompts, n the smallest
+    step (from 120, growing by the measured tokens per prompt) that fills ``tokens_wanted``
+    (train, held-out), or all prompts."""
     if teacher is None:
         raise XmergeError("the chat preset needs the teacher: it answers the built-in prompts once "
                           "(cached afterwards)")
     t_hash = teacher_hash(teacher)
-    rows = chatgen.chat_conversations(teacher, tokenizer, cache_dir=cache_dir, teacher_hash=t_hash,
-                                      tokenizer_hash=tokenizer_hash(tokenizer), max_new_tokens=max_new_tokens)
-    train, heldout = [], []
-    for row in rows:
-        text = chatgen.render_chat(tokenizer, [{"role": "user", "content": row["prompt"]},
-                                               {"role": "assistant", "content": row["answer"]}])
-        (heldout if _in_heldout(row["prompt"], chatgen.HELDOUT_PERCENT) else train).append(text)
-    return f"chat/v1/teacher={t_hash}/max_new_tokens={max_new_tokens}", train, heldout
+    n = len(chatgen.CHAT_PROMPTS)
+    while True:
+        rows = chatgen.chat_conversations(teacher, tokenizer, list(chatgen.ALL_PROMPTS[:n]), cache_dir=cache_dir,
+                                          teacher_hash=t_hash, tokenizer_hash=tokenizer_hash(tokenizer),
+                                          max_new_tokens=max_new_tokens)
+        split: tuple[list[str], list[str]] = ([], [])
+        for row in rows:
+            text = chatgen.render_chat(tokenizer, [{"role": "user", "content": row["prompt"]},
+                                                   {"role": "assistant", "content": row["answer"]}])
+            split[_in_heldout(row["prompt"], chatgen.HELDOUT_PERCENT)].append(text)
+        have = [max(1, sum(len(ids) + 1 for ids in tokenizer(texts)["input_ids"])) if texts else 1 for texts in split]
+        growth = max(want / got for want, got in zip(tokens_wanted, have))
+        if growth <= 1 or n == len(chatgen.ALL_PROMPTS):
+            break
+        n = min(len(chatgen.ALL_PROMPTS), math.ceil(n * growth * 1.1))
+    return f"chat/v2/teacher={t_hash}/max_new_tokens={max_new_tokens}/prompts={n}", split[0], split[1]
 
 
 def load_domain(domain: str, tokenizer, *, seq_len: int, data: str | None = None, cache_dir: Path,
@@ -244,7 +257,8 @@ def load_domain(domain: str, tokenizer, *, seq_len: int, data: str | None = None
         train_texts = _read_code([f for f in files if not _in_heldout(f[0], HELDOUT_PERCENT)])
         heldout_texts = _read_code([f for f in files if _in_heldout(f[0], HELDOUT_PERCENT)])
     elif domain == "chat":
-        identity, train_texts, heldout_texts = _chat_texts(tokenizer, teacher, Path(cache_dir), chat_max_new_tokens)
+        identity, train_texts, heldout_texts = _chat_texts(tokenizer, teacher, Path(cache_dir), chat_max_new_tokens,
+                                                           (max_train_tokens, max_heldout_tokens))
     else:
         raise XmergeError(f"unknown domain {domain!r}: use a preset ({', '.join(PRESETS)}) or pass your own "
                           "data (--data FILE.jsonl|FILE.parquet|HF dataset)")

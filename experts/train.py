@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,17 +146,31 @@ def build_domain_targets(reg, recipe: TrainRecipe, *, seed_name: str | None = No
     return {name: t for name, t in (("train", run.targets2), ("held-out", run.targets_heldout)) if t is not None}
 
 
+def _mixed_precision(precision: str, device: str) -> str | None:
+    """accelerate's mixed_precision for --precision: auto = bf16 autocast on CUDA, fp32 on CPU
+    (an `accelerate launch --mixed_precision` setting wins over auto)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise XmergeError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None
+        return "bf16" if device != "cpu" and torch.cuda.is_available() else "no"
+    return "no" if precision == "fp32" else "bf16"
+
+
 def train_expert(reg, recipe: TrainRecipe, *, seed_name: str | None = None, device: str = "auto",
-                 resume: bool = False, version: int | None = None, team: str = "local",
+                 precision: str = "auto", resume: bool = False, version: int | None = None, team: str = "local",
                  checkpoint_every: int = 50, console=None):
-    """Train one expert and register it; returns the registry Expert (None on non-main processes)."""
+    """Train one expert and register it; returns the registry Expert (None on non-main processes).
+
+    Weights and optimizer state stay fp32; ``precision`` bf16 runs the forward under autocast."""
     recipe.validate()
     if device not in ("auto", "cpu", "cuda"):
         raise XmergeError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise XmergeError("--device cuda requested but no CUDA device is available")
     say = console.print if console is not None else (lambda *a, **k: None)
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=_mixed_precision(precision, device))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = recipe.batch_size * world
     run = prepare_run(reg, recipe, seed_name=seed_name, device=accelerator.device, say=say)
@@ -232,7 +247,8 @@ def train_expert(reg, recipe: TrainRecipe, *, seed_name: str | None = None, devi
 
     save_file(weights_state(student), weights, metadata={"format": "pt"})
     expert = reg.add_expert(seed.name, recipe.domain, weights, version=version, team=team,
-                            recipe={**asdict(recipe), "world_size": world}, data_fingerprint=data.fingerprint,
+                            recipe={**asdict(recipe), "world_size": world,
+                                    "mixed_precision": accelerator.mixed_precision}, data_fingerprint=data.fingerprint,
                             metrics=metrics)
     shutil.rmtree(run_dir, ignore_errors=True)
     return expert

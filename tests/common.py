@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from transformers import (
     LlamaConfig,
@@ -111,3 +114,12 @@ def add_noised_expert(reg, domain: str, noise: float, seed: int, *, seed_name: s
     path = reg.home / f"expert-{domain}-{seed}.safetensors"
     save_file(tensors, path)
     return reg.add_expert(seed_name, domain, path)
+
+
+def gpu(test):
+    """Mark a test as needing the device machine: CI (no CUDA) skips it, never counts it as passed."""
+    for mark in (pytest.mark.gpu,
+                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+                 pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")):
+        test = mark(test)
+    return test

@@ -83,17 +83,18 @@ def test_code_preset_uses_stdlib_sources(tmp_path, tok):
 
 
 def test_chat_preset_answers_once_then_reads_cache(tmp_path, tok):
-    kw = dict(seq_len=64, cache_dir=tmp_path, chat_max_new_tokens=4)
+    kw = dict(seq_len=64, cache_dir=tmp_path, chat_max_new_tokens=4, max_train_tokens=1024, max_heldout_tokens=256)
     teacher = tiny_teacher()
     a = load_domain("chat", tok, teacher=teacher, **kw)
     cached = list((tmp_path / "chat").glob("*.jsonl"))
     assert len(cached) == 1
     rows = [json.loads(line) for line in cached[0].read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == list(chatgen.CHAT_PROMPTS)
+    assert [r["prompt"] for r in rows] == list(chatgen.CHAT_PROMPTS)  # the first 120 fill these budgets
 
     def no_generation(*args, **kwargs):
         raise AssertionError("teacher must not generate again")
 
+    generate = teacher.generate
     teacher.generate = no_generation
     b = load_domain("chat", tok, teacher=teacher, **kw)
     assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout) and a.fingerprint == b.fingerprint
@@ -102,6 +103,22 @@ def test_chat_preset_answers_once_then_reads_cache(tmp_path, tok):
     assert "<|im_start|>assistant\n" in train_text
     heldout_prompts = [p for p in chatgen.CHAT_PROMPTS if p in heldout_text]
     assert heldout_prompts and not any(p in train_text for p in heldout_prompts)
+
+    # a bigger budget answers more prompts, and only the new ones
+    answered = []
+
+    def counting_generate(input_ids, **kwargs):
+        answered.append(len(input_ids))
+        return generate(input_ids=input_ids, **kwargs)
+
+    teacher.generate = counting_generate
+    big = load_domain("chat", tok, teacher=teacher, **{**kw, "max_train_tokens": 30_000})
+    rows = [json.loads(line) for line in cached[0].read_text().splitlines()]
+    n = len(rows)
+    assert 120 < n < len(chatgen.ALL_PROMPTS) and sum(answered) == n - 120
+    assert [r["prompt"] for r in rows] == list(chatgen.ALL_PROMPTS[:n])
+    assert big.train.numel() >= 30_000 - 64 and big.fingerprint != a.fingerprint
+    assert decode_all(tok, big.heldout).startswith(heldout_text[:200])  # held-out prompts stay held out
 
 
 # ---- user data

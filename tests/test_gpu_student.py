@@ -9,25 +9,13 @@ max(3e-2, 2 × the reference path's own autocast error), both measured against t
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import pytest
 import torch
 
-from common import tiny_student
+from common import gpu, tiny_student
 
-needs_gpu = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
-]
-
-
-def gpu(test):
-    for mark in needs_gpu:
-        test = mark(test)
-    return test
 
 SEQ, WINDOW, SINKS, CHUNK = 200, 32, 4, 16  # crosses chunk and window boundaries many times
 

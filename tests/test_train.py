@@ -112,6 +112,7 @@ def test_interrupt_then_resume_is_bit_identical(setup, sig):
         (["--seq-len", "400", "--data", "SMALL", "legal"], "seq_len 400 is larger than"),
         (["--data", "EMPTY", "legal"], "empty"),
         (["--data", "BAD", "legal"], "line 2"),
+        (["--precision", "fp8", "math"], "--precision must be auto, fp32 or bf16"),
     ],
 )
 def test_bad_input(setup, tmp_path, args, message):
