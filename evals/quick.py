@@ -57,14 +57,19 @@ class Suite:
     humaneval: bool = False
     humaneval_tokens: int = 384
     seq_len: int = 256  # eval block length (capped at the seed's context); the window should not cover it
+    generation_batch: int | None = None  # prompts per batch in the generation checks (None: batch_size)
+
+    @property
+    def prompts_per_batch(self) -> int:
+        return self.generation_batch or self.batch_size
 
 
 SUITES = {
     "quick": Suite(max_tokens=4096, batch_size=4, max_problems=8, answer_tokens=48, humaneval_limit=None),
     # GPU-sized: 2K blocks leave a 128-256 window most of each block to the mLSTM; big batches
     # keep the generation checks (math answers, HumanEval) off the Python-bound path.
-    "full": Suite(max_tokens=32 * 2048, batch_size=64, max_problems=512, answer_tokens=96,
-                  humaneval_limit=None, humaneval=True, seq_len=2048),
+    "full": Suite(max_tokens=32 * 2048, batch_size=8, max_problems=512, answer_tokens=96,
+                  humaneval_limit=None, humaneval=True, seq_len=2048, generation_batch=64),
 }
 _INT = re.compile(r"-?\d[\d,]*")
 
@@ -143,11 +148,11 @@ def evaluate(model, tokenizer, suite: Literal["quick", "full"] | Suite,
                 metrics.append(Metric(f"{domain}/{kind}", domain, value, higher_is_better=kind != "ce"))
             problems = list(data.problems)[: cfg.max_problems]
             if problems:
-                em = exact_match(model, tokenizer, problems, cfg.answer_tokens, cfg.batch_size)
+                em = exact_match(model, tokenizer, problems, cfg.answer_tokens, cfg.prompts_per_batch)
                 metrics.append(Metric(f"{domain}/exact_match", domain, em, higher_is_better=True))
         if cfg.humaneval and "code" in eval_sets:
             he = humaneval_pass_at_1(model, tokenizer, cfg.humaneval_limit, cfg.humaneval_tokens,
-                                     cfg.batch_size)
+                                     cfg.prompts_per_batch)
             metrics.append(Metric("code/humaneval_pass1", "code", he.pass_at_1, higher_is_better=True))
     finally:
         model.train(was_training)
