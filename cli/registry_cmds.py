@@ -22,9 +22,12 @@ DbUrl = Annotated[str | None, typer.Option("--db-url", envvar="XMERGE_DB_URL",
                                                    "e.g. postgresql+psycopg://user@host/db.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
-seeds_app = typer.Typer(help="Seed students (the shared starting point of every expert).", no_args_is_help=True)
-experts_app = typer.Typer(help="Domain experts: list, show, export/import bundles, remove.", no_args_is_help=True)
-compositions_app = typer.Typer(help="Merged compositions of experts.", no_args_is_help=True)
+seeds_app = typer.Typer(help="Seed students (the shared starting point of every expert).\n\n"
+                        "Example: xmerge seeds list", no_args_is_help=True)
+experts_app = typer.Typer(help="Domain experts: list, show, export/import bundles, remove.\n\n"
+                          "Example: xmerge experts list --domain math", no_args_is_help=True)
+compositions_app = typer.Typer(help="Merged compositions of experts.\n\n"
+                               "Example: xmerge compositions list", no_args_is_help=True)
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(experts_app, name="experts")
 app.add_typer(compositions_app, name="compositions")

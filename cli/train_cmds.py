@@ -11,8 +11,10 @@ from xmerge.cli.errors import console, user_errors
 from xmerge.cli.registry_cmds import DbUrl, Home
 from xmerge.registry import Registry
 
-seed_app = typer.Typer(help="Create the shared seed student of a team setup.", no_args_is_help=True)
-targets_app = typer.Typer(help="Teacher top-k targets (cached once per teacher, data and k).", no_args_is_help=True)
+seed_app = typer.Typer(help="Create the shared seed student of a team setup.\n\n"
+                       "Example: xmerge seed create base --teacher smollm2-135m-instruct", no_args_is_help=True)
+targets_app = typer.Typer(help="Teacher top-k targets (cached once per teacher, data and k).\n\n"
+                          "Example: xmerge targets build code", no_args_is_help=True)
 app.add_typer(seed_app, name="seed")
 app.add_typer(targets_app, name="targets")
 
