@@ -25,15 +25,20 @@ class LayerCache:
 
 
 class HybridCache:
-    """State of every layer plus the number of positions seen and each row's first real index."""
+    """State of every layer plus the number of positions seen and each row's first real index.
+
+    ``seen`` and ``last_start`` (an upper bound on ``start``, kept through beam reordering) live on the
+    host, so that a decode step reads nothing back from the device.
+    """
 
     is_compileable = False
 
-    def __init__(self, config, batch_size: int, start: torch.Tensor, *, device, dtype):
+    def __init__(self, config, batch_size: int, start: torch.Tensor, last_start: int, *, device, dtype):
         H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         W, S = config.window, config.sinks
         self.seen = 0
         self.start = start  # (B,)
+        self.last_start = last_start
         self.layers = [
             LayerCache(
                 mlstm=empty_state(batch_size, H, D, D, device=device, dtype=torch.float32),

@@ -2,6 +2,8 @@
 
 * mLSTM chunkwise (training, prefill): ``xmerge.kernels.mlstm_chunkwise.mlstm_chunkwise_triton``
   when the tensors are on CUDA, triton imports and head dims and chunk size are powers of two >= 16.
+  The kernel takes q, k, v in the model's dtype and returns h in it (``mlstm_dtype`` tells the
+  caller which dtype to build them in, so nothing is copied to fp32 and back).
 * SWA over new tokens that start the sequence (no cache yet or an empty one, no left padding):
   ``xmerge.kernels.swa.swa_attention`` (FlexAttention). Decode steps, later prefill chunks and
   left-padded batches keep the reference, which reads the cache's ring and sink buffers.
@@ -20,8 +22,9 @@ import os
 
 import torch
 
+from xmerge.modeling.cache import LayerCache
 from xmerge.modeling.mlstm import MLSTMState, mlstm_chunkwise
-from xmerge.modeling.swa import blocked_window_sink_attention, window_sink_attention
+from xmerge.modeling.swa import blocked_window_sink_attention, gather_sinks, window_sink_attention
 
 
 @functools.cache
@@ -46,54 +49,68 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
+def _mlstm_kernel_takes(q: torch.Tensor, dv: int, chunk_size: int) -> bool:
+    return (
+        _pow2_at_least_16(q.shape[-1]) and _pow2_at_least_16(dv) and _pow2_at_least_16(chunk_size)
+        and kernels_enabled(q)
+    )
+
+
+def mlstm_dtype(q: torch.Tensor, dv: int, chunk_size: int) -> torch.dtype:
+    """The dtype ``mlstm_forward`` wants q, k, v in: the kernel's where it takes the call (it accumulates
+    in fp32 itself), fp32 for the reference. q: (B, NH, S, DK) before the cast; dv: the value head dim."""
+    return _kernel_dtype(q) if _mlstm_kernel_takes(q, dv, chunk_size) else torch.float32
+
+
 def mlstm_forward(
     q, k, v, i_pre, f_pre, *, chunk_size: int, state: MLSTMState | None, eps: float
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise mLSTM: h (B, NH, S, DV) in fp32 and the final state.
+    """Chunkwise mLSTM: h (B, NH, S, DV) in ``mlstm_dtype`` and the final state (fp32).
 
-    q, k: (B, NH, S, DK) feature-mapped; v: (B, NH, S, DV); i_pre, f_pre: (B, NH, S), ĩ = -inf on
-    padding; state: (C (B, NH, DK, DV), n (B, NH, DK), m (B, NH)) or None.
+    q, k: (B, NH, S, DK) feature-mapped; v: (B, NH, S, DV), best already in ``mlstm_dtype`` (then no
+    copy is made); i_pre, f_pre: (B, NH, S), ĩ = -inf on padding; state: (C (B, NH, DK, DV),
+    n (B, NH, DK), m (B, NH)) or None.
     """
-    qualifies = _pow2_at_least_16(q.shape[-1]) and _pow2_at_least_16(v.shape[-1]) and _pow2_at_least_16(chunk_size)
-    if not (qualifies and kernels_enabled(q)):
+    if not _mlstm_kernel_takes(q, v.shape[-1], chunk_size):
         return mlstm_chunkwise(q, k, v, i_pre, f_pre, chunk_size=chunk_size, state=state, eps=eps)
     from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
 
     dtype = _kernel_dtype(q)
     with torch.autocast("cuda", enabled=False):
-        h, state = mlstm_chunkwise_triton(
+        return mlstm_chunkwise_triton(
             q.to(dtype), k.to(dtype), v.to(dtype), i_pre.float(), f_pre.float(),
             state=state, chunk_size=chunk_size, eps=eps,
         )
-    return h.float(), state
 
 
 def swa_forward(
-    q, k, v, positions, start, sink_k, sink_v, sink_pos, *, window: int, sinks: int, ring=None
+    q, k, v, positions, start, *, window: int, sinks: int, fresh: bool, layer: LayerCache | None = None
 ) -> torch.Tensor:
     """Window + sink attention of the new tokens: (B, H, T, D).
 
     q: (B, H, T, D) and k, v: (B, Hkv, T, D) rotated, of the new tokens at ``positions`` (T,);
-    start: (B,) each row's first real slot; sink_k/v (B, Hkv, S, D), sink_pos (B, S): the sinks
-    known so far; ring: the cache's (ring_k, ring_v, ring_pos) before these tokens, or None.
+    start: (B,) each row's first real slot; fresh: the new tokens start every row's sequence (slot 0,
+    no left padding), known on the host so that choosing the path reads nothing from the device;
+    layer: the cache before these tokens (its sink buffer already holding the new tokens' sinks), or
+    None without a cache (the sinks are then taken from the new tokens).
     """
-    if kernels_enabled(q) and int(positions[0]) == 0 and not bool(start.any()):
+    if fresh and kernels_enabled(q):
         from xmerge.kernels.swa import swa_attention
 
         dtype = _kernel_dtype(q)
         with torch.autocast("cuda", enabled=False):
             return swa_attention(q.to(dtype), k.to(dtype), v.to(dtype), window, sinks)
-    if ring is None:
+    if layer is None:
+        sink_k, sink_v, sink_pos = gather_sinks(k, v, start, sinks, positions[0])
         return blocked_window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, start=start, window=window)
-    ring_k, ring_v, ring_pos = ring
     return window_sink_attention(
         q,
-        torch.cat([ring_k, k.to(ring_k.dtype)], dim=2),
-        torch.cat([ring_v, v.to(ring_v.dtype)], dim=2),
-        torch.cat([ring_pos, positions]),
-        sink_k,
-        sink_v,
-        sink_pos,
+        torch.cat([layer.ring_k, k.to(layer.ring_k.dtype)], dim=2),
+        torch.cat([layer.ring_v, v.to(layer.ring_v.dtype)], dim=2),
+        torch.cat([layer.ring_pos, positions]),
+        layer.sink_k,
+        layer.sink_v,
+        layer.sink_pos,
         q_pos=positions,
         start=start,
         window=window,

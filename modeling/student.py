@@ -11,6 +11,8 @@ hold the two branches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from xmerge.modeling.cache import HybridCache, LayerCache
 from xmerge.modeling.config import XLSTMStudentConfig
-from xmerge.modeling.dispatch import mlstm_forward, swa_forward
+from xmerge.modeling.dispatch import mlstm_dtype, mlstm_forward, swa_forward
 from xmerge.modeling.mlstm import mlstm_recurrent_step
 from xmerge.modeling.swa import gather_sinks
 
@@ -32,6 +34,38 @@ NEW_PARAMETER_KEYS = ("fmap_q", "fmap_k", "igate", "fgate", "ogate")
 
 def is_new_parameter(name: str) -> bool:
     return any(f".{key}." in name for key in NEW_PARAMETER_KEYS)
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """What the host must know about a forward's new tokens, so that no layer reads the device.
+
+    offset: absolute slot of the first new token; last_start: an upper bound on every row's first
+    real slot (0: no row is left-padded). The model fills it once per forward.
+    """
+
+    offset: int
+    last_start: int
+
+    @classmethod
+    def read(cls, positions: torch.Tensor, start: torch.Tensor) -> TokenSpan:
+        """From positions (T,) and start (B,), one host sync: for layers run outside the model's forward."""
+        offset, last_start = torch.stack([positions[0], start.max()]).tolist()
+        return cls(offset, last_start)
+
+    @property
+    def fresh(self) -> bool:
+        """The new tokens start every row's sequence: slot 0 and no left padding."""
+        return self.offset == 0 and self.last_start == 0
+
+    @property
+    def padded(self) -> bool:
+        """Some row may hold left padding among the new tokens."""
+        return self.offset < self.last_start
+
+    def holds_sinks(self, sinks: int) -> bool:
+        """Some row may have one of its first ``sinks`` real tokens among the new tokens."""
+        return self.offset < self.last_start + sinks
 
 
 class RMSNorm(nn.Module):
@@ -103,41 +137,37 @@ class HybridAttention(nn.Module):
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
         return (q_raw, k_raw, v_raw), (q, k), (q_rot, k_rot), v
 
-    def _swa(self, q_rot, k_rot, v, positions, start, layer: LayerCache | None, window: int):
-        sink_k, sink_v, sink_pos = gather_sinks(k_rot, v, start, self.config.sinks, int(positions[0]))
-        if layer is None:
-            return swa_forward(
-                q_rot, k_rot, v, positions, start, sink_k, sink_v, sink_pos, window=window, sinks=self.config.sinks
-            )
-        HybridCache.write_sinks(layer, sink_k, sink_v, sink_pos)
+    def _swa(self, q_rot, k_rot, v, positions, start, layer: LayerCache | None, window: int,
+             span: TokenSpan | None = None):
+        span = span or TokenSpan.read(positions, start)
+        sinks = self.config.sinks
+        if layer is not None and span.holds_sinks(sinks):
+            HybridCache.write_sinks(layer, *gather_sinks(k_rot, v, start, sinks, span.offset))
         out = swa_forward(
-            q_rot,
-            k_rot,
-            v,
-            positions,
-            start,
-            layer.sink_k,
-            layer.sink_v,
-            layer.sink_pos,
-            window=window,
-            sinks=self.config.sinks,
-            ring=(layer.ring_k, layer.ring_v, layer.ring_pos),
+            q_rot, k_rot, v, positions, start, window=window, sinks=sinks, fresh=span.fresh, layer=layer
         )
-        HybridCache.write_window(layer, k_rot, v, positions)
+        if layer is not None:
+            HybridCache.write_window(layer, k_rot, v, positions)
         return out
 
-    def _mlstm(self, x, q, k, v, positions, start, layer: LayerCache | None):
+    def _mlstm(self, x, q, k, v, positions, start, layer: LayerCache | None, padded: bool = True):
+        """mLSTM branch: (B, H, T, D) in the kernel's dtype or fp32. ``padded=False`` (known on the host:
+        no row has left padding among these tokens) skips masking ĩ on the device."""
         rep = self.heads // self.kv_heads
-        phi_q = self.fmap_q(q.float())
-        phi_k = self.fmap_k(k.float()).repeat_interleave(rep, dim=1)
-        v = v.float().repeat_interleave(rep, dim=1)
+        state = layer.mlstm if layer is not None else None
+        step = state is not None and q.shape[2] == 1
+        # the decode step and the reference compute in fp32; the chunkwise kernel takes the model's dtype
+        dtype = torch.float32 if step else mlstm_dtype(q, self.head_dim, self.config.chunk_size)
+        phi_q = self.fmap_q(q.to(dtype)).to(dtype)
+        phi_k = self.fmap_k(k.to(dtype)).to(dtype).repeat_interleave(rep, dim=1)
+        v = v.to(dtype).repeat_interleave(rep, dim=1)
         i_pre = self.igate(x).float().transpose(1, 2)  # (B, H, T)
         f_pre = self.fgate(x).float().transpose(1, 2)
-        padding = positions[None, :] < start[:, None]  # (B, T)
-        i_pre = i_pre.masked_fill(padding[:, None, :], float("-inf"))
+        if padded:
+            padding = positions[None, :] < start[:, None]  # (B, T)
+            i_pre = i_pre.masked_fill(padding[:, None, :], float("-inf"))
         eps = self.config.mlstm_eps
-        state = layer.mlstm if layer is not None else None
-        if state is not None and q.shape[2] == 1:
+        if step:
             h, state = mlstm_recurrent_step(
                 phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], i_pre[..., 0], f_pre[..., 0], state, eps
             )
@@ -150,16 +180,21 @@ class HybridAttention(nn.Module):
             layer.mlstm = state
         return h
 
-    def forward(self, x, cos, sin, positions, start, layer: LayerCache | None = None):
-        """x: (B, T, d) block input after the input norm; positions: (T,) absolute slots; start: (B,)."""
+    def forward(self, x, cos, sin, positions, start, layer: LayerCache | None = None,
+                span: TokenSpan | None = None):
+        """x: (B, T, d) block input after the input norm; positions: (T,) absolute slots; start: (B,).
+
+        span: the host-side facts about these tokens (the model passes them); read here if None.
+        """
         B, T, _ = x.shape
         mixer = self.config.mixer
+        span = span or TokenSpan.read(positions, start)
         (q_raw, k_raw, v_raw), (q, k), (q_rot, k_rot), v = self.project(x, cos, sin)
         if mixer != "mlstm":
-            swa = self._swa(q_rot, k_rot, v, positions, start, layer, self.config.window)
+            swa = self._swa(q_rot, k_rot, v, positions, start, layer, self.config.window, span)
         if mixer != "swa":
             fq, fk = (q_rot, k_rot) if self.config.fmap_after_rope else (q, k)
-            mlstm = self._mlstm(x, fq, fk, v, positions, start, layer).to(x.dtype)
+            mlstm = self._mlstm(x, fq, fk, v, positions, start, layer, span.padded).to(x.dtype)
         if mixer == "hybrid":
             o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2)
             h = o.unsqueeze(-1) * mlstm + (1 - o.unsqueeze(-1)) * swa
@@ -167,11 +202,12 @@ class HybridAttention(nn.Module):
             h = swa if mixer == "swa" else mlstm
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1))
 
-    def teacher_forward(self, x, cos, sin, positions, start):
+    def teacher_forward(self, x, cos, sin, positions, start, span: TokenSpan | None = None):
         """The teacher's own attention (full causal softmax) with the shared projections."""
         B, T, _ = x.shape
+        span = span or TokenSpan.read(positions, start)
         _, _, (q_rot, k_rot), v = self.project(x, cos, sin)
-        h = self._swa(q_rot, k_rot, v, positions, start, None, window=int(positions[-1]) + 1)
+        h = self._swa(q_rot, k_rot, v, positions, start, None, span.offset + T, span)
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -191,8 +227,9 @@ class DecoderLayer(nn.Module):
         """x_t of DESIGN.md: the block input after the teacher's input norm (Olmo2 has none)."""
         return hidden if self.post_norm else self.input_layernorm(hidden)
 
-    def forward(self, hidden, cos, sin, positions, start, layer: LayerCache | None = None):
-        attn = self.self_attn(self.attention_input(hidden), cos, sin, positions, start, layer)
+    def forward(self, hidden, cos, sin, positions, start, layer: LayerCache | None = None,
+                span: TokenSpan | None = None):
+        attn = self.self_attn(self.attention_input(hidden), cos, sin, positions, start, layer, span)
         return self.finish(hidden, attn)
 
     def finish(self, hidden, attn):
@@ -233,8 +270,9 @@ class XLSTMStudentModel(XLSTMStudentPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
-    def positions(self, input_ids, attention_mask, past: HybridCache | None):
-        """Absolute slots (T,), each row's first real index (B,), RoPE position ids (B, T)."""
+    def locate(self, input_ids, attention_mask, past: HybridCache | None):
+        """Absolute slots (T,), each row's first real index (B,), RoPE position ids (B, T) and the
+        TokenSpan. The forward's only host sync is here, and only with an attention mask (to check it)."""
         B, T = input_ids.shape
         offset = past.seen if past is not None else 0
         slots = torch.arange(offset, offset + T, device=input_ids.device)
@@ -242,27 +280,32 @@ class XLSTMStudentModel(XLSTMStudentPreTrainedModel):
             mask = attention_mask.bool()
             start = (~mask).sum(-1)
             expected = torch.arange(mask.shape[1], device=mask.device)[None] >= start[:, None]
-            if not torch.equal(mask, expected):
+            not_left, last_start = torch.stack([(mask != expected).any().long(), start.max()]).tolist()
+            if not_left:
                 raise ValueError("attention_mask must be left padding (zeros, then ones); other masks are not supported")
         elif past is not None:
-            start = past.start
+            start, last_start = past.start, past.last_start
         else:
-            start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+            start, last_start = torch.zeros(B, dtype=torch.long, device=input_ids.device), 0
         position_ids = (slots[None, :] - start[:, None]).clamp(min=0)
-        return slots, start, position_ids
+        return slots, start, position_ids, TokenSpan(offset, last_start)
+
+    def positions(self, input_ids, attention_mask, past: HybridCache | None):
+        """Absolute slots (T,), each row's first real index (B,), RoPE position ids (B, T)."""
+        return self.locate(input_ids, attention_mask, past)[:3]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False, **kwargs):
-        slots, start, default_pos = self.positions(input_ids, attention_mask, past_key_values)
+        slots, start, default_pos, span = self.locate(input_ids, attention_mask, past_key_values)
         position_ids = default_pos if position_ids is None else position_ids
         hidden = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(
-                self.config, input_ids.shape[0], start, device=hidden.device, dtype=hidden.dtype
+                self.config, input_ids.shape[0], start, span.last_start, device=hidden.device, dtype=hidden.dtype
             )
         cos, sin = self.rotary_emb(hidden, position_ids)
         for i, layer in enumerate(self.layers):
             cache_layer = past_key_values.layers[i] if past_key_values is not None else None
-            hidden = layer(hidden, cos, sin, slots, start, cache_layer)
+            hidden = layer(hidden, cos, sin, slots, start, cache_layer, span)
         if past_key_values is not None:
             past_key_values.seen += input_ids.shape[1]
         return self.norm(hidden), past_key_values

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 
-def gather_sinks(k, v, start, sinks: int, offset: int):
+def gather_sinks(k, v, start, sinks: int, offset: int | torch.Tensor):
     """Sink keys/values among new tokens at positions offset..offset+T-1.
 
-    k, v: (B, Hkv, T, D); start: (B,) first real index. Returns sink_k, sink_v (B, Hkv, S, D)
-    and sink_pos (B, S), -1 where that sink is not among the new tokens.
+    k, v: (B, Hkv, T, D); start: (B,) first real index; offset: an int or a 0-d tensor (then nothing
+    is read back to the host). Returns sink_k, sink_v (B, Hkv, S, D) and sink_pos (B, S), -1 where
+    that sink is not among the new tokens.
     """
     B, Hkv, T, D = k.shape
     pos = start.unsqueeze(1) + torch.arange(sinks, device=k.device)  # (B, S)
