@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Issue 8: the real pipeline through the CLI on one GPU — seed, three experts, uniform and searched
-# compositions, a second code expert through the gated replace, and the full suite of every model.
+# Issue 8: the real pipeline through the CLI on one GPU — seed, one expert per domain, uniform and
+# searched compositions, a second code expert through the gated replace, the full suite of each model.
 #
 #   TEACHER=/path/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/h100_pipeline.sh
 #
 # Every step is skipped when its marker exists, so re-running continues where a run stopped.
 # Output: $REPORT_DIR (eval reports, command log with timings, the registry database) for
-# benchmarks/pipeline_report.py, which writes REPORT.md, summary.json and recovery.png.
+# benchmarks/pipeline_report.py, which writes the report's markdown, JSON and PNG.
 set -euo pipefail
 
 export XMERGE_HOME=${XMERGE_HOME:-.xmerge-h100}
 REPORT_DIR=${REPORT_DIR:-reports/h100-smollm2/raw}
 TEACHER=${TEACHER:-smollm2-135m-instruct}
+DOMAINS=${DOMAINS:-math code chat}
 WINDOW=${WINDOW:-256}     # at 2K blocks the window leaves 7/8 of each block's context to the mLSTM
 SEQ=${SEQ:-2048}
 BATCH=${BATCH:-8}
 S1=${S1:-1048576}         # Stage I tokens per expert
 S2=${S2:-4194304}         # Stage II tokens per expert
+S2_CHAT=${S2_CHAT:-$S2}   # the chat preset holds ~0.4M train tokens at 2K: more only repeats it
 LR2=${LR2:-1e-4}
 LR2_V2=${LR2_V2:-3e-4}    # the second code expert: the one change offered through the gated replace
+CE=${CE:-0.9}             # Stage II loss weights γ (data CE) and β (top-k KL to the teacher)
+KL=${KL:-0.1}
 DEVICE=${DEVICE:-cuda}
 TOPK=${TOPK:-64}
 SEARCH_BUDGET=${SEARCH_BUDGET:-12}
@@ -28,7 +32,7 @@ mkdir -p "$REPORT_DIR" "$XMERGE_HOME/pipeline"
 LOG="$REPORT_DIR/commands.tsv"
 [ -f "$LOG" ] || printf 'step\tseconds\texit\tcommand\n' > "$LOG"
 
-# step NAME [ok-codes] -- ARGS: run `xmerge ARGS` once, logging the command, its wall time and exit code.
+# step NAME OK-CODES -- ARGS: run `xmerge ARGS` once, logging the command, its wall time and exit code.
 step() {
   local name=$1 ok=$2; shift 3
   local marker="$XMERGE_HOME/pipeline/$name.done"
@@ -40,33 +44,41 @@ step() {
   case " $ok " in *" $rc "*) touch "$marker";; *) echo "== $name failed with exit $rc"; return "$rc";; esac
 }
 
-TRAIN=(--seq-len "$SEQ" --batch-size "$BATCH" --stage1-tokens "$S1" --stage2-tokens "$S2" --top-k "$TOPK"
-       --device "$DEVICE" --resume --checkpoint-every 100)
-FULL=(--suite full --device "$DEVICE" --domains math,code,chat --json)
+# compose_gated NAME ARGS: the gate at τ = 0.02 decides; a rejection (exit 2) is recorded, then the
+# merge is registered with --force so that it can still be measured (the report shows the decision).
+compose_gated() {
+  local name=$1; shift
+  step "compose-$name" "0 2" -- compose "$name" "$@" --device "$DEVICE" --json
+  if ! "${XMERGE[@]}" compositions list --json | grep -q "\"name\": \"$name\""; then
+    step "compose-$name-forced" 0 -- compose "$name" "$@" --device "$DEVICE" --force --json
+  fi
+}
+
+TRAIN=(--seq-len "$SEQ" --batch-size "$BATCH" --stage1-tokens "$S1" --top-k "$TOPK" --ce-weight "$CE"
+       --kl-weight "$KL" --device "$DEVICE" --resume --checkpoint-every 100)
+read -ra domains <<< "$DOMAINS"
+uniform=$(printf '%s=1,' "${domains[@]}"); uniform=${uniform%,}
 
 step init 0 -- init
 step seed 0 -- seed create base --teacher "$TEACHER" --window "$WINDOW"
-for domain in math code chat; do
-  step "train-$domain" 0 -- train-expert "$domain" "${TRAIN[@]}" --lr2 "$LR2"
+for domain in "${domains[@]}"; do
+  budget=$S2; [ "$domain" = chat ] && budget=$S2_CHAT
+  step "train-$domain" 0 -- train-expert "$domain" "${TRAIN[@]}" --stage2-tokens "$budget" --lr2 "$LR2"
 done
-# Uniform weights, gated at the default τ = 0.02; a rejection (exit 2) is recorded and the merge is then
-# registered with --force so that it can still be measured (the report shows the gate's decision).
-step compose-uniform "0 2" -- compose mix --weights math=1,code=1,chat=1 --device "$DEVICE" --json
-if ! "${XMERGE[@]}" compositions list --json | grep -q '"name": "mix"'; then
-  step compose-uniform-forced 0 -- compose mix --weights math=1,code=1,chat=1 --device "$DEVICE" --force --json
-fi
-step compose-search "0 2" -- compose mix-search --weights math=1,code=1,chat=1 --search \
-  --budget "$SEARCH_BUDGET" --device "$DEVICE" --json
-if ! "${XMERGE[@]}" compositions list --json | grep -q '"name": "mix-search"'; then
-  step compose-search-forced 0 -- compose mix-search --weights math=1,code=1,chat=1 --search \
-    --budget "$SEARCH_BUDGET" --device "$DEVICE" --force --json
-fi
-step train-code-v2 0 -- train-expert code "${TRAIN[@]}" --lr2 "$LR2_V2"
+compose_gated mix --weights "$uniform"
+[ "$SEARCH_BUDGET" -gt 0 ] && compose_gated mix-search --weights "$uniform" --search --budget "$SEARCH_BUDGET"
+step train-code-v2 0 -- train-expert code "${TRAIN[@]}" --stage2-tokens "$S2" --lr2 "$LR2_V2"
 step replace "0 2" -- replace mix --domain code --expert code@v2 --device "$DEVICE" --json
 
-for ref in seed:base math@v1 code@v1 chat@v1 code@v2 comp:mix@v1 comp:mix-search@v1 comp:mix; do
+# compositions first: if time runs out, the merged students are what must have been measured
+refs=(comp:mix@v1 comp:mix)
+[ "$SEARCH_BUDGET" -gt 0 ] && refs+=(comp:mix-search)
+for domain in "${domains[@]}"; do refs+=("$domain@v1"); done
+refs+=(code@v2 seed:base)
+eval_domains=$(IFS=,; echo "${domains[*]}")
+for ref in "${refs[@]}"; do
   name=eval-${ref//[:@]/-}
-  step "$name" 0 -- eval "$ref" "${FULL[@]}" --out "$REPORT_DIR/$name"
+  step "$name" 0 -- eval "$ref" --suite full --device "$DEVICE" --domains "$eval_domains" --json --out "$REPORT_DIR/$name"
 done
 "${XMERGE[@]}" experts list --json > "$REPORT_DIR/experts.json"
 "${XMERGE[@]}" compositions list --json > "$REPORT_DIR/compositions.json"

@@ -84,6 +84,8 @@ def train_expert_cmd(
     lr1: Annotated[float, typer.Option(help="Stage I peak lr (warmup + cosine to 1e-5).")] = 1e-2,
     lr2: Annotated[float, typer.Option(help="Stage II constant lr.")] = 1e-5,
     top_k: Annotated[int, typer.Option(help="Teacher top-k for the sparse KL.")] = 256,
+    ce_weight: Annotated[float, typer.Option(help="Stage II weight γ of the data cross-entropy.")] = 0.9,
+    kl_weight: Annotated[float, typer.Option(help="Stage II weight β of the top-k KL to the teacher.")] = 0.1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of the same recipe.")] = False,
@@ -102,7 +104,8 @@ def train_expert_cmd(
 
     with user_errors():
         recipe = TrainRecipe(domain=domain, data=data, seq_len=seq_len, batch_size=batch_size,
-                             stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lr1=lr1, lr2=lr2, top_k=top_k)
+                             stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lr1=lr1, lr2=lr2, top_k=top_k,
+                             gamma=ce_weight, beta=kl_weight)
         expert = train_expert(Registry(home, db_url), recipe, seed_name=seed_name, device=device,
                               precision=precision, resume=resume,
                               version=version, team=team, checkpoint_every=checkpoint_every, console=console)

@@ -13,7 +13,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask, both (B, L), sequences right-aligned."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -79,7 +79,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         encoded = [tokenizer(prompts[i])["input_ids"] for i in rows]
-        input_ids, attention_mask = _left_padded(encoded, pad_id)
+        input_ids, attention_mask = left_padded(encoded, pad_id)
         input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
         if _graphed_student(model) and min(map(len, encoded)) >= model.config.sinks:
             new_tokens = _graphed_greedy(model, input_ids, attention_mask, max_new_tokens, stopped)

@@ -18,6 +18,7 @@ import torch
 from rich.progress import Progress
 
 from xmerge.errors import XmergeError
+from xmerge.evals.generation import left_padded
 
 CHAT_PROMPTS: tuple[str, ...] = (
     "Explain why the sky looks blue during the day.",
@@ -222,8 +223,9 @@ def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
         for start in range(0, len(prompts), batch_size):
             batch = [render_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
                      for p in prompts[start:start + batch_size]]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
-                            add_special_tokens=False).to(device)
+            ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in batch]
+            input_ids, attention_mask = left_padded(ids, pad_id)  # works without a pad token (GGUF tokenizers)
+            enc = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -57,6 +57,8 @@ class TrainRecipe:
         for field in ("lr1", "lr2", "gamma", "beta", "weight_decay", "grad_clip"):
             if not getattr(self, field) >= 0:
                 raise XmergeError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.gamma + self.beta <= 0:
+            raise XmergeError("Stage II needs a loss: give --ce-weight or --kl-weight a positive value")
         if self.data is None and self.domain not in PRESETS:
             raise XmergeError(
                 f"unknown domain {self.domain!r}: presets are {', '.join(PRESETS)}; "

@@ -113,6 +113,7 @@ def test_interrupt_then_resume_is_bit_identical(setup, sig):
         (["--data", "EMPTY", "legal"], "empty"),
         (["--data", "BAD", "legal"], "line 2"),
         (["--precision", "fp8", "math"], "--precision must be auto, fp32 or bf16"),
+        (["--ce-weight", "0", "--kl-weight", "0", "math"], "Stage II needs a loss"),
     ],
 )
 def test_bad_input(setup, tmp_path, args, message):
