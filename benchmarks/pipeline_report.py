@@ -23,6 +23,7 @@ from pathlib import Path
 
 from xmerge.errors import XmergeError
 from xmerge.evals.report import json_safe
+from xmerge.merge.operations import RECOVERY_CAP
 from xmerge.registry import Registry
 
 TAUS = ("0", "0.01", "0.02", "0.05", "0.1")
@@ -101,10 +102,11 @@ def _float(value) -> float | None:
 
 
 def domain_recovery(metrics: list[dict]) -> dict[str, float]:
-    """Mean recovery of each domain's metrics."""
+    """Mean recovery of each domain's metrics, each capped at RECOVERY_CAP (as the weight search does):
+    one large win, e.g. exact match 0.86 against a teacher's 0.035, must not swamp the domain."""
     by_domain: dict[str, list[float]] = {}
     for m in metrics:
-        by_domain.setdefault(m["domain"], []).append(_float(m["recovery"]))
+        by_domain.setdefault(m["domain"], []).append(min(_float(m["recovery"]), RECOVERY_CAP))
     return {domain: sum(rs) / len(rs) for domain, rs in by_domain.items()}
 
 
@@ -294,7 +296,7 @@ def run_markdown(run: dict) -> list[str]:
     out += ["### 3. Recovery vs the reference (per model)", ""]
     references = _ordered(m["reference"] for m in run["models"] if m["evaluated"])
     out += [f"Reference: {', '.join(f'`{r}`' for r in references) or 'none (no evals)'}; "
-            "domain recovery = mean recovery of the domain's metrics.", ""]
+            f"domain recovery = mean recovery of the domain's metrics, each capped at {RECOVERY_CAP:g}.", ""]
     header = ["model", "eval"] + [f"W_{t}" for t in TAUS] + ["τ*"] + domains
     rows = []
     for m in run["models"]:

@@ -141,3 +141,12 @@ def test_bad_input_is_one_line_and_writes_nothing(reg, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert eval_rows(reg) == rows
     assert not (reg.home / "reports" / f"{args[0].strip('./')}-quick").exists()
+
+
+def test_eval_blocks_are_at_least_twice_the_window(reg):
+    from xmerge.experts.seed import create_seed
+
+    create_seed(reg, "wide", str(reg.home.parent / "teacher"), window=200, sinks=2)  # context 512
+    wide = domain_eval_sets(reg, reg.resolve("seed:wide"), ["code"])["code"]
+    narrow = domain_eval_sets(reg, reg.resolve("seed:tiny"), ["code"])["code"]  # window 8: the suite's 256
+    assert wide.blocks.shape[1] == 400 and narrow.blocks.shape[1] == 256
