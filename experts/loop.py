@@ -6,8 +6,11 @@ the batches an uninterrupted run would have seen (bit-identical weights on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +23,29 @@ from xmerge.experts.checkpoint import save_checkpoint
 
 class TrainingInterrupted(XmergeError):
     """Ctrl-C during training: a checkpoint was written; --resume continues from it."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_at_step_boundary() -> Iterator[Callable[[], bool]]:
+    """Yields ``pressed()``: a first Ctrl-C only sets it, so the loop stops after the step in flight
+    and never checkpoints a half-applied optimizer step; a second one interrupts at once (the last
+    periodic checkpoint stays valid)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers can only be set from the main thread
+        return
+    pressed = False
+
+    def handle(signum, frame):
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield lambda: pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_stage(
@@ -49,7 +75,7 @@ def run_stage(
     )
     with Progress(*columns, disable=not accelerator.is_main_process, transient=False) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, info="")
-        try:
+        with _ctrl_c_at_step_boundary() as interrupted:
             for step in range(state.step, total_steps):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
@@ -68,14 +94,13 @@ def run_stage(
                 tok_s = done_here * tokens_per_step / (time.perf_counter() - started)
                 state.tokens_per_s[key] = tok_s
                 bar.update(task, completed=state.step, info=f"loss {value:.4g}  {tok_s:,.0f} tok/s")
+                if interrupted():
+                    _save(accelerator, checkpoint_dir, model_to_save, optimizer, state)
+                    raise TrainingInterrupted(
+                        f"interrupted in Stage {'I' * stage} at step {state.step}/{total_steps}; checkpoint saved, "
+                        "re-run with --resume to continue")
                 if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
                     _save(accelerator, checkpoint_dir, model_to_save, optimizer, state)
-        except KeyboardInterrupt:
-            _save(accelerator, checkpoint_dir, model_to_save, optimizer, state)
-            raise TrainingInterrupted(
-                f"interrupted in Stage {'I' * stage} at step {state.step}/{total_steps}; checkpoint saved, "
-                "re-run with --resume to continue"
-            ) from None
     return state
 
 
