@@ -16,7 +16,7 @@ import torch
 
 from xmerge.errors import XmergeError
 from xmerge.modeling.cache import HybridCache
-from xmerge.modeling.swa import window_sink_attention
+from xmerge.modeling.dispatch import cached_window_attention
 
 
 def decode_step(model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache) -> torch.Tensor:
@@ -31,18 +31,7 @@ def decode_step(model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache
         x = layer.attention_input(hidden)
         (q_raw, k_raw, v_raw), (q, k), (q_rot, k_rot), v = attn.project(x, cos, sin)
         if config.mixer != "mlstm":
-            swa = window_sink_attention(
-                q_rot,
-                torch.cat([lc.ring_k, k_rot.to(lc.ring_k.dtype)], dim=2),
-                torch.cat([lc.ring_v, v.to(lc.ring_v.dtype)], dim=2),
-                torch.cat([lc.ring_pos, slot]),
-                lc.sink_k,
-                lc.sink_v,
-                lc.sink_pos,
-                q_pos=slot,
-                start=start,
-                window=config.window,
-            )
+            swa = cached_window_attention(q_rot, k_rot, v, slot, lc, start=start, window=config.window)
             HybridCache.write_window(lc, k_rot, v, slot)
         if config.mixer != "swa":
             fq, fk = (q_rot, k_rot) if config.fmap_after_rope else (q, k)

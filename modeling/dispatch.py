@@ -103,6 +103,12 @@ def swa_forward(
     if layer is None:
         sink_k, sink_v, sink_pos = gather_sinks(k, v, start, sinks, positions[0])
         return blocked_window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, start=start, window=window)
+    return cached_window_attention(q, k, v, positions, layer, start=start, window=window)
+
+
+def cached_window_attention(q, k, v, positions, layer, *, start, window: int) -> torch.Tensor:
+    """Window+sink attention of new tokens (B, H, T, D) at ``positions`` (T,) over the layer cache's
+    ring and sinks plus the new keys themselves (the cache is written afterwards by the caller)."""
     return window_sink_attention(
         q,
         torch.cat([layer.ring_k, k.to(layer.ring_k.dtype)], dim=2),
