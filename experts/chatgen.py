@@ -235,8 +235,7 @@ def answer_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
 
 def chat_conversations(model, tokenizer, prompts: list[str], *, cache_dir: Path, teacher_hash: str,
                        tokenizer_hash: str, max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
-    """[{prompt, answer}] for `prompts`: cached answers are read, only the others are generated
-    (then cached). `model` may be a zero-argument loader, called only if something is missing."""
+    """[{prompt, answer}] for `prompts`: cached answers are read, only the others are generated (then cached)."""
     key = hashlib.sha256(json.dumps(["chat/v2", teacher_hash, tokenizer_hash, max_new_tokens]).encode()).hexdigest()
     path = Path(cache_dir) / "chat" / f"{key}.jsonl"
     known = {}
@@ -244,7 +243,6 @@ def chat_conversations(model, tokenizer, prompts: list[str], *, cache_dir: Path,
         known = {r["prompt"]: r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
     missing = [p for p in dict.fromkeys(prompts) if p not in known]
     if missing:
-        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
         on_gpu = next(model.parameters()).device.type == "cuda"
         answers = answer_prompts(model, tokenizer, missing, max_new_tokens=max_new_tokens,
                                  batch_size=256 if on_gpu else 64, progress=progress)

@@ -236,3 +236,14 @@ def test_bad_input_is_one_clear_error(tmp_path, tok, case, match):
         seq_len = 0
     with pytest.raises(XmergeError, match=match):
         load_domain(domain, tok, seq_len=seq_len, data=data, cache_dir=tmp_path)
+
+
+def test_chat_answers_need_no_pad_token(tok):
+    """GGUF tokenizers (the real teacher's) come without a pad token; left padding uses eos then."""
+    teacher, prompts = tiny_teacher(), list(chatgen.CHAT_PROMPTS[:3])
+    no_pad = tiny_tokenizer()
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    answers = chatgen.answer_prompts(teacher, no_pad, prompts, max_new_tokens=3, progress=False)
+    assert answers == chatgen.answer_prompts(teacher, tok, prompts, max_new_tokens=3, progress=False)
+    assert len(answers) == 3
