@@ -29,18 +29,18 @@ class Stage1Aligner(nn.Module):
 
     def forward(self, ids):
         model = self.student.model
-        slots, start, position_ids = model.positions(ids, None, None)
+        slots, start, position_ids, span = model.locate(ids, None, None)  # no host sync per layer
         with torch.no_grad():
             hidden = model.embed_tokens(ids)
             cos, sin = model.rotary_emb(hidden, position_ids)
             pairs = []
             for layer in model.layers:
                 x = layer.attention_input(hidden)
-                target = layer.self_attn.teacher_forward(x, cos, sin, slots, start)
+                target = layer.self_attn.teacher_forward(x, cos, sin, slots, start, span)
                 pairs.append((x, target))
                 hidden = layer.finish(hidden, target)
         losses = [
-            F.mse_loss(layer.self_attn(x, cos, sin, slots, start), target)
+            F.mse_loss(layer.self_attn(x, cos, sin, slots, start, span=span), target)
             for layer, (x, target) in zip(model.layers, pairs)
         ]
         return torch.stack(losses).mean()

@@ -290,10 +290,6 @@ class XLSTMStudentModel(XLSTMStudentPreTrainedModel):
         position_ids = (slots[None, :] - start[:, None]).clamp(min=0)
         return slots, start, position_ids, TokenSpan(offset, last_start)
 
-    def positions(self, input_ids, attention_mask, past: HybridCache | None):
-        """Absolute slots (T,), each row's first real index (B,), RoPE position ids (B, T)."""
-        return self.locate(input_ids, attention_mask, past)[:3]
-
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False, **kwargs):
         slots, start, default_pos, span = self.locate(input_ids, attention_mask, past_key_values)
         position_ids = default_pos if position_ids is None else position_ids

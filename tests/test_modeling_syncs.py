@@ -227,3 +227,19 @@ def test_bf16_kernel_path_keeps_model_dtype(monkeypatch):
                               for _ in range(2) for name in ("swa", "mlstm")]
     err = ((logits.float() - ref).norm() / ref.norm()).item()
     assert err < 3e-2, err
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_stage1_alignment_reads_nothing_per_layer(path, monkeypatch):
+    """Stage I runs each layer's teacher and student attention: none of them may read the host."""
+    from xmerge.experts.stages import Stage1Aligner
+
+    if path == "kernels":
+        use_stand_ins(monkeypatch)
+
+    def stage1(model):
+        ids, _ = inputs()
+        return lambda: Stage1Aligner(model)(ids)
+
+    two, four = reads_per_forward(2, stage1), reads_per_forward(4, stage1)
+    assert two == four and sum(four.values()) == 0, dict(four)
