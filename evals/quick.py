@@ -56,7 +56,7 @@ class Suite:
     humaneval_limit: int | None  # None = all 164 problems; only used when humaneval is on
     humaneval: bool = False
     humaneval_tokens: int = 384
-    seq_len: int = 256  # eval block length (capped at the seed's context); the window should not cover it
+    seq_len: int = 256  # eval block length; evals/sets.py raises it to 2x the seed's window, caps it at the context
     generation_batch: int | None = None  # prompts per batch in the generation checks (None: batch_size)
 
     @property

@@ -207,18 +207,18 @@ def _chat_texts(tokenizer, teacher, cache_dir: Path, max_new_tokens: int, tokens
     if teacher is None:
         raise XmergeError("the chat preset needs the teacher: it answers the built-in prompts once "
                           "(cached afterwards)")
-    t_hash = teacher_hash(teacher)
+    t_hash, tok_hash = teacher_hash(teacher), tokenizer_hash(tokenizer)
     n = len(chatgen.CHAT_PROMPTS)
     while True:
         rows = chatgen.chat_conversations(teacher, tokenizer, list(chatgen.ALL_PROMPTS[:n]), cache_dir=cache_dir,
-                                          teacher_hash=t_hash, tokenizer_hash=tokenizer_hash(tokenizer),
+                                          teacher_hash=t_hash, tokenizer_hash=tok_hash,
                                           max_new_tokens=max_new_tokens)
         split: tuple[list[str], list[str]] = ([], [])
         for row in rows:
             text = chatgen.render_chat(tokenizer, [{"role": "user", "content": row["prompt"]},
                                                    {"role": "assistant", "content": row["answer"]}])
             split[_in_heldout(row["prompt"], chatgen.HELDOUT_PERCENT)].append(text)
-        have = [max(1, sum(len(ids) + 1 for ids in tokenizer(texts)["input_ids"])) if texts else 1 for texts in split]
+        have = [sum(len(ids) + 1 for ids in tokenizer(texts)["input_ids"]) if texts else 1 for texts in split]
         growth = max(want / got for want, got in zip(tokens_wanted, have))
         if growth <= 1 or n == len(chatgen.ALL_PROMPTS):
             break
