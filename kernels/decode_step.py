@@ -1,0 +1,212 @@
+"""Fused decode step of the hybrid student's attention block in Triton: one kernel per layer per token.
+
+For one new token per row, program (b, h) computes, in fp32::
+
+    q_rot, k_rot = RoPE(q, k)                              (from the step's cos/sin rows)
+    φ(u) = softmax(u W_h + b_h)                            (on rotated or unrotated q/k)
+    m' = max(log σ(f̃) + m, ĩ);  f' = exp(log σ(f̃) + m − m');  i' = exp(ĩ − m')
+    C' = f' C + i' φ(k) vᵀ;  n' = f' n + i' φ(k)            (state updated in place, fp32)
+    mLSTM = φ(q)ᵀ C' / (max(|φ(q)ᵀ n'|, exp(−m')) + eps)
+    SWA = softmax attention of q_rot over the sinks outside the window, the ring keys inside it
+          and the token itself (one softmax, scale 1/√D, GQA)
+    o = σ(W_o [q_raw; k_raw; v_raw] + b_o);  h = o · mLSTM + (1 − o) · SWA
+
+and writes h (B, H, D) plus the token's k_rot, v and position into ring slot ``pos % W``.
+The same math as the PyTorch reference (modeling/mlstm.mlstm_recurrent_step,
+modeling/swa.window_sink_attention), including m = −inf (no mass yet) and the sink/window rule.
+
+Race-free ring update: window keys count only where 1 <= pos − ring_pos < W, and the token itself
+is added explicitly, so the slot being overwritten is masked whether a program reads it before or
+after the write; one program per (row, kv head) writes k/v, program (0, 0) writes ring_pos.
+
+Precondition (as for the graph decoder): the token is no sink and no left padding (pos >= start).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MIXERS = ("hybrid", "swa", "mlstm")
+
+
+@triton.jit
+def _rope(ptr, d, D: tl.constexpr, cos, sin):
+    """x·cos + rotate_half(x)·sin of the head vector at ``ptr`` (fp32), and x itself."""
+    x = tl.load(ptr + d).to(tl.float32)
+    partner = tl.load(ptr + (d + D // 2) % D).to(tl.float32)
+    return x * cos + tl.where(d < D // 2, -partner, partner) * sin, x
+
+
+@triton.jit
+def _feature_map(u, w_ptr, b_ptr, d, D: tl.constexpr):
+    """softmax(u W + b) over the feature axis; u (D,) fp32, W (D, D), b (D,) at the head's pointers."""
+    w = tl.load(w_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
+    z = tl.sum(u[:, None] * w, 0) + tl.load(b_ptr + d).to(tl.float32)
+    z = tl.exp(z - tl.max(z, 0))
+    return z / tl.sum(z, 0)
+
+
+@triton.jit
+def _attend(scores, vals, m_i, l_i, acc):
+    """Online-softmax update with a block of scores (N,) (−inf = masked) and values (N, D)."""
+    m_new = tl.maximum(m_i, tl.max(scores, 0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * vals, 0)
+
+
+@triton.jit
+def _decode_step(
+    proj, q_in, k_in, stride_proj, stride_q, stride_k,
+    cos, sin, slot, start,
+    C, n, m, fq_w, fq_b, fk_w, fk_b, og_w, og_b,
+    ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
+    out, scale, eps,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_O: tl.constexpr,
+    MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr,
+):
+    b, h = tl.program_id(0), tl.program_id(1)
+    hkv = h // (H // HKV)
+    d = tl.arange(0, D)
+    NQKV: tl.constexpr = (H + 2 * HKV) * D
+    c = tl.load(cos + b * D + d).to(tl.float32)
+    s = tl.load(sin + b * D + d).to(tl.float32)
+    q_rot, q = _rope(q_in + b * stride_q + h * D, d, D, c, s)
+    k_rot, k = _rope(k_in + b * stride_k + hkv * D, d, D, c, s)
+    v = tl.load(proj + b * stride_proj + (H + HKV) * D + hkv * D + d).to(tl.float32)
+
+    if MLSTM:
+        if FMAP_AFTER_ROPE:
+            phi_q = _feature_map(q_rot, fq_w + h * D * D, fq_b + h * D, d, D)
+            phi_k = _feature_map(k_rot, fk_w + hkv * D * D, fk_b + hkv * D, d, D)
+        else:
+            phi_q = _feature_map(q, fq_w + h * D * D, fq_b + h * D, d, D)
+            phi_k = _feature_map(k, fk_w + hkv * D * D, fk_b + hkv * D, d, D)
+        i_pre = tl.load(proj + b * stride_proj + NQKV + h).to(tl.float32)
+        f_pre = tl.load(proj + b * stride_proj + NQKV + H + h).to(tl.float32)
+        log_f = tl.minimum(f_pre, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f_pre)))  # log σ(f̃), as torch does it
+        bh = b * H + h
+        m_old = tl.load(m + bh)
+        m_new = tl.maximum(log_f + m_old, i_pre)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no mass yet: any finite value gives 0
+        f_act = tl.exp(log_f + m_old - m_safe)
+        i_act = tl.exp(i_pre - m_safe)
+        c_ptr = C + bh * D * D + d[:, None] * D + d[None, :]
+        state = f_act * tl.load(c_ptr) + i_act * (phi_k[:, None] * v[None, :])
+        norm = f_act * tl.load(n + bh * D + d) + i_act * phi_k
+        tl.store(c_ptr, state)
+        tl.store(n + bh * D + d, norm)
+        tl.store(m + bh, m_new)
+        den = tl.maximum(tl.abs(tl.sum(phi_q * norm, 0)), tl.exp(-m_safe)) + eps
+        h_mlstm = tl.sum(phi_q[:, None] * state, 0) / den
+
+    if SWA:
+        pos = tl.load(slot)
+        first = tl.load(start + b)
+        qs = q_rot * scale
+        # the token itself opens the softmax: the running max is finite from the start
+        m_i = tl.sum(qs * k_rot, 0)
+        l_i = tl.full([], 1.0, tl.float32)
+        acc = v
+        kv = b * HKV + hkv
+        if S > 0:
+            j = tl.arange(0, S_PAD)
+            sp = tl.load(sink_pos + b * S + j, mask=j < S, other=-1)
+            ok = (sp >= 0) & (pos - sp >= W)  # a sink inside the window is counted there, once
+            kv_off = (kv * S + j[:, None]) * D + d[None, :]
+            ks = tl.load(sink_k + kv_off, mask=(j < S)[:, None], other=0.0).to(tl.float32)
+            vs = tl.load(sink_v + kv_off, mask=(j < S)[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(qs[None, :] * ks, 1), float("-inf"))
+            m_i, l_i, acc = _attend(scores, vs, m_i, l_i, acc)
+        for w0 in range(0, W, BLOCK_W):
+            j = w0 + tl.arange(0, BLOCK_W)
+            rp = tl.load(ring_pos + j, mask=j < W, other=-1)
+            rel = pos - rp
+            ok = (j < W) & (rel >= 1) & (rel < W) & (rp >= first)
+            kv_off = (kv * W + j[:, None]) * D + d[None, :]
+            kw = tl.load(ring_k + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
+            vw = tl.load(ring_v + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(qs[None, :] * kw, 1), float("-inf"))
+            m_i, l_i, acc = _attend(scores, vw, m_i, l_i, acc)
+        h_swa = acc / l_i
+        if h % (H // HKV) == 0:
+            ring_slot = (kv * W + pos % W) * D + d
+            tl.store(ring_k + ring_slot, k_rot.to(ring_k.dtype.element_ty))
+            tl.store(ring_v + ring_slot, v.to(ring_v.dtype.element_ty))
+            if (b == 0) & (h == 0):
+                tl.store(ring_pos + pos % W, pos)
+
+    if MLSTM and SWA:
+        o_acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for j0 in range(0, NQKV, BLOCK_O):
+            j = j0 + tl.arange(0, BLOCK_O)
+            raw = tl.load(proj + b * stride_proj + j, mask=j < NQKV, other=0.0).to(tl.float32)
+            o_acc += raw * tl.load(og_w + h * NQKV + j, mask=j < NQKV, other=0.0).to(tl.float32)
+        o = tl.sigmoid(tl.sum(o_acc, 0) + tl.load(og_b + h).to(tl.float32))
+        result = o * h_mlstm + (1.0 - o) * h_swa
+    elif MLSTM:
+        result = h_mlstm
+    else:
+        result = h_swa
+    tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
+
+
+def fused_decode_step(
+    proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ogate, ring, sinks, *,
+    mixer: str, fmap_after_rope: bool, eps: float,
+) -> torch.Tensor:
+    """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
+    the mLSTM state (hybrid, mlstm) and the ring buffer (hybrid, swa).
+
+    proj: (B, N) raw [q; k; v; ĩ; f̃] projections, N = (H + 2 Hkv) D + 2H (v and the gates are read
+    here); q: (B, H·D), k: (B, Hkv·D) before RoPE (after QK-norm), may be strided views of proj;
+    cos, sin: (B, D) RoPE rows of the token; slot: (1,) its absolute position; start: (B,) each row's
+    first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
+    fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ogate: weight
+    (H, (H + 2 Hkv) D), bias (H,); ring: k, v (B, Hkv, W, D), positions (W,) int64, -1 = empty;
+    sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen. D a power of two >= 16.
+    """
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+    ring_k, ring_v, ring_pos = ring
+    sink_k, sink_v, sink_pos = sinks
+    C, n, m = state
+    B = proj.shape[0]
+    H, D = fmap_q[0].shape[0], fmap_q[0].shape[-1]
+    Hkv, W, S = fmap_k[0].shape[0], ring_pos.shape[0], sink_pos.shape[1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim={D}: the fused decode step needs a power of two >= 16")
+    if proj.shape[1] != (H + 2 * Hkv) * D + 2 * H or q.shape != (B, H * D) or k.shape != (B, Hkv * D):
+        raise ValueError(
+            f"fused decode step: proj {tuple(proj.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)} do not fit "
+            f"H={H}, Hkv={Hkv}, D={D}; expected proj (B, {(H + 2 * Hkv) * D + 2 * H})"
+        )
+    for name, t in (("proj", proj), ("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"fused decode step: {name} must have unit stride in its last dim")
+    buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, cos, sin, *fmap_q, *fmap_k, *ogate)
+    if not all(t.is_contiguous() for t in buffers):
+        raise ValueError("fused decode step: state, ring, sink, cos/sin and weight tensors must be contiguous")
+    if C.dtype != torch.float32:
+        raise ValueError(f"fused decode step: the mLSTM state must be fp32, got {C.dtype}")
+    if not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("fused_decode_step needs CUDA tensors; use modeling/decode_graph.decode_step's reference path")
+    out = proj.new_empty(B, H, D)
+    _decode_step[(B, H)](
+        proj, q, k, proj.stride(0), q.stride(0), k.stride(0),
+        cos, sin, slot, start,
+        C, n, m, *fmap_q, *fmap_k, *ogate,
+        ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
+        out, 1.0 / math.sqrt(D), eps,
+        H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)),
+        BLOCK_W=min(64, triton.next_power_of_2(W)), BLOCK_O=min(1024, triton.next_power_of_2((H + 2 * Hkv) * D)),
+        MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope,
+        num_warps=4 if D <= 64 else 8,
+    )
+    return out
