@@ -6,15 +6,21 @@ Same semantics as the pure-PyTorch oracle (per head, scalar gates, feature-mappe
     C_t = exp(log σ(f̃_t) + m_{t-1} - m_t) C_{t-1} + exp(ĩ_t - m_t) k_t v_tᵀ   (n_t likewise with k_t)
     h_t = qᵀ_t C_t / (max(|qᵀ_t n_t|, exp(-m_t)) + eps)
 
-Four kernels, FLA-style: a sequential pass over chunks materialises the state at every chunk
-start, then one program per chunk computes its outputs; backward mirrors this (a reverse pass
-for the state gradients, then one program per chunk for dq, dk, dv and the gate gradients).
+Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forward: the gates
+per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
+carries the stabiliser and materialises the state at every chunk start, then one program per
+chunk for its outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass
+for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
-h except in ``eps · exp(m_t)``, so the kernels hold m fixed and the small remaining term
-∂L/∂m_t = -eps (dh_t·h_t) / den_t is routed to the position that attains the running max
-``m_t = F_t + max(m_0, max_{s≤t} ĩ_s - F_s)`` (F = cumulative log σ(f̃)), as autograd does
-through the oracle's max(). The returned final state carries no gradient.
+h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
+∂L/∂m_t = -eps (dh_t·h_t) / den_t as autograd does through the chunkwise oracle's max():
+a position's m_t is either an in-chunk ``b_t - b_s + ĩ_s`` (to that s) or ``b_t + m_c`` (to
+the chunk-start stabiliser m_c, which the reverse pass carries back through
+``m_{c+1} = max(b_last + m_c, max_s(b_last - b_s + ĩ_s))``). The final state carries no gradient.
+
+Grouped heads: k and v may have fewer heads than q (NH a multiple of NKV); query head h reads
+kv head h // (NH / NKV), with no copy. Gates may be any float dtype and any strides.
 
 fp32 and bf16/fp16 inputs; all accumulation in fp32. fp32 matmuls run in IEEE precision.
 States between chunks are stored in the input dtype (like FLA), the final state in fp32.
@@ -25,7 +31,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,63 +44,115 @@ def _safe(m):
 
 
 @triton.jit
+def _log_sigmoid(x):
+    # min(x, 0) - log1p(exp(-|x|)), log1p done exactly for small arguments without libdevice
+    y = tl.exp(-tl.abs(x))
+    u = 1.0 + y
+    tiny = u == 1.0
+    return tl.minimum(x, 0.0) - tl.where(tiny, y, tl.log(u) * (y / tl.where(tiny, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _fwd_gates(
+    i_pre, f_pre, ig, b, wk, M,
+    S, S_pad, NC, NH, s_ib, s_ih, s_it, s_fb, s_fh, s_ft,
+    L: tl.constexpr,
+):
+    """Per chunk: ĩ (-inf past S), b = in-chunk cumsum of log σ(f̃), and with log_w = b_last - b + ĩ
+    (each key's log weight into the chunk-end state) M = max(log_w) and wk = exp(log_w - M).
+    Grid (NC, B*NH).
+    """
+    c, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t = tl.arange(0, L)
+    t = c * L + o_t
+    in_seq = t < S
+    i_b, i_h = i_bh // NH, i_bh % NH
+    ic = tl.load(i_pre + i_b * s_ib + i_h * s_ih + t * s_it, mask=in_seq, other=float("-inf")).to(tl.float32)
+    fc = tl.load(f_pre + i_b * s_fb + i_h * s_fh + t * s_ft, mask=in_seq, other=float("inf")).to(tl.float32)
+    bc = tl.cumsum(_log_sigmoid(fc), 0)
+    b_last = tl.sum(tl.where(o_t == L - 1, bc, 0.0), 0)
+    log_w = b_last - bc + ic
+    M_c = tl.max(log_w, 0)
+    tl.store(ig + i_bh * S_pad + t, ic)
+    tl.store(b + i_bh * S_pad + t, bc)
+    tl.store(wk + i_bh * S_pad + t, tl.exp(log_w - _safe(M_c)))
+    tl.store(M + i_bh * NC + c, M_c)
+
+
+@triton.jit
 def _fwd_states(
-    k, v, w, g, C0, n0, Cs, ns, C_last, n_last,
-    S, S_pad, NC,
+    k, v, b, wk, M, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
+    S, S_pad, NC, REP,
     HAS_INIT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """State (C, n) at every chunk start: C <- g_c C + (w k)ᵀ v. Grid (DK/BK, DV/BV, B*NH).
+    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH).
 
-    The stabilisers are precomputed (see ``_chunk_stabilisers``), so nothing on the sequential
-    path waits for a reduction.
+    m_{c+1} = max(b_last + m_c, M_c), and C <- g C + s (wk k)ᵀ v with g = exp(b_last + m_c - m_{c+1})
+    and s = exp(M_c - m_{c+1}): the product does not wait for the stabiliser, and the only
+    dependency carried from chunk to chunk besides C and n is one scalar max.
     """
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv = i_bh // REP
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
     if HAS_INIT:
         C = tl.load(C0 + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
         n = tl.load(n0 + i_bh * DK + o_k).to(tl.float32)
+        m = tl.load(m0 + i_bh).to(tl.float32)
     else:
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
     for c in range(NC):
         st = i_bh * (NC + 1) + c
         tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
         if i_v == 0:
             tl.store(ns + st * DK + o_k, n)
+            if i_k == 0:
+                tl.store(ms + st, m)
         t = c * L + o_t
         in_seq = t < S
-        kc = tl.load(k + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-        vc = tl.load(v + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        wc = tl.load(w + i_bh * S_pad + t)
-        decay = tl.load(g + i_bh * NC + c)
+        kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+        vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        wc = tl.load(wk + i_bh * S_pad + t)
+        M_c = tl.load(M + i_bh * NC + c)
+        b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
+        m_next = tl.maximum(b_last + m, M_c)
+        m_ref = _safe(m_next)
+        g = tl.exp(b_last + m - m_ref)
+        s = tl.exp(M_c - m_ref)
         kw = kc.to(tl.float32) * wc[:, None]
-        C = C * decay + tl.dot(tl.trans(kw.to(vc.dtype)), vc, input_precision=PREC)
-        n = n * decay + tl.sum(kw, 0)
+        C = C * g + s * tl.dot(tl.trans(kw.to(vc.dtype)), vc, input_precision=PREC)
+        n = n * g + s * tl.sum(kw, 0)
+        m = m_next
     tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
     if i_v == 0:
         tl.store(n_last + i_bh * DK + o_k, n)
         tl.store(ns + (i_bh * (NC + 1) + NC) * DK + o_k, n)
+        if i_k == 0:
+            tl.store(ms + i_bh * (NC + 1) + NC, m)
+            tl.store(m_last + i_bh, m)
 
 
 @triton.jit
 def _fwd_out(
     q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out,
-    S, S_pad, NC, eps,
+    S, S_pad, NC, REP, eps,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """h for one chunk and one block of DV; also m_t and qᵀn (for backward). Grid (DV/BV, NC, B*NH)."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv = i_bh // REP
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, DK)
     o_v = i_v * BV + tl.arange(0, BV)
     t = c * L + o_t
     in_seq = t < S
     qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-    kc = tl.load(k + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-    vc = tl.load(v + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+    kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+    vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
     bc = tl.load(b + i_bh * S_pad + t)
     ic = tl.load(ig + i_bh * S_pad + t)
     st = i_bh * (NC + 1) + c
@@ -121,25 +178,63 @@ def _fwd_out(
 
 
 @triton.jit
+def _bwd_prep(
+    h, dh, b, ms, m_t, qn, den, dqn, dm, D,
+    S, S_pad, NC, eps,
+    DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+):
+    """Per position: den, ∂L/∂(qᵀn) and ∂L/∂m_t from dh·h; per chunk D = the ∂L/∂m_t of the positions
+    whose m_t is the carried ``b_t + m_c`` (their share of ∂L/∂m_c). Grid (NC, B*NH)."""
+    c, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t = tl.arange(0, L)
+    t = c * L + o_t
+    in_seq = t < S
+    hdh = tl.zeros([L], dtype=tl.float32)
+    for i_v in range(0, DV // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        hc = tl.load(h + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        hdh += tl.sum(hc.to(tl.float32) * dhc.to(tl.float32), 1)
+    qnc = tl.load(qn + i_bh * S_pad + t)
+    mt = tl.load(m_t + i_bh * S_pad + t)
+    bc = tl.load(b + i_bh * S_pad + t)
+    m_c = tl.load(ms + i_bh * (NC + 1) + c)
+    floor = tl.exp(-mt)
+    denc = tl.maximum(tl.abs(qnc), floor) + eps
+    dqnc = tl.where(tl.abs(qnc) > floor, tl.where(qnc > 0, -hdh, hdh) / denc, 0.0)
+    dmc = -eps * hdh / denc
+    tl.store(den + i_bh * S_pad + t, denc)
+    tl.store(dqn + i_bh * S_pad + t, dqnc)
+    tl.store(dm + i_bh * S_pad + t, dmc)
+    tl.store(D + i_bh * NC + c, tl.sum(tl.where(bc + m_c == mt, dmc, 0.0), 0))
+
+
+@triton.jit
 def _bwd_states(
-    q, dh, b, ms, m_t, den, dqn, dCs, dns,
+    q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms,
     S, S_pad, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Gradient w.r.t. the state at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH)."""
+    """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH).
+
+    dms[c] = ∂L/∂m_c through the stabiliser alone: D_c plus dms[c+1] where m_{c+1} = b_last + m_c.
+    """
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
     dC = tl.zeros([BK, BV], dtype=tl.float32)
     dn = tl.zeros([BK], dtype=tl.float32)
+    dmc = tl.zeros([], dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         st = i_bh * (NC + 1) + c
         tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:
             tl.store(dns + (st + 1) * DK + o_k, dn)
+            if i_k == 0:
+                tl.store(dms + st + 1, dmc)
         t = c * L + o_t
         in_seq = t < S
         qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
@@ -149,7 +244,8 @@ def _bwd_states(
         denc = tl.load(den + i_bh * S_pad + t)
         dqnc = tl.load(dqn + i_bh * S_pad + t)
         m_c = tl.load(ms + st)
-        m_next = _safe(tl.load(ms + st + 1))
+        m_next_raw = tl.load(ms + st + 1)
+        m_next = _safe(m_next_raw)
         b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
         a = tl.exp(bc + m_c - mt)
         qa = qc.to(tl.float32) * a[:, None]
@@ -157,29 +253,33 @@ def _bwd_states(
         g = tl.exp(b_last + m_c - m_next)
         dC = dC * g + tl.dot(tl.trans(qa.to(qc.dtype)), dnum.to(qc.dtype), input_precision=PREC)
         dn = dn * g + tl.sum(qa * dqnc[:, None], 0)
+        dmc = tl.load(D + i_bh * NC + c) + tl.where(b_last + m_c == m_next_raw, dmc, 0.0)
     tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
     if i_v == 0:
         tl.store(dns + (i_bh * (NC + 1)) * DK + o_k, dn)
+        if i_k == 0:
+            tl.store(dms + i_bh * (NC + 1), dmc)
 
 
 @triton.jit
 def _bwd_chunk(
-    q, k, v, dh, b, ig, Cs, ns, ms, dCs, dns, m_t, den, dqn,
-    dq, dk, dv, di, db,
-    S, S_pad, NC,
+    q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm,
+    dq, dk, dv, di, df,
+    S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq, dk, dv and the gate gradients (w.r.t. ĩ and the in-chunk cumsum b) of one chunk.
+    """dq, dk, dv (per query head) and the gate gradients dĩ, df̃ of one chunk.
 
     Grid (NC, B*NH); DV is walked in blocks of BV inside the program.
     """
     c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_kv = i_bh // REP
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, DK)
     t = c * L + o_t
     in_seq = t < S
     qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-    kc = tl.load(k + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+    kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
     bc = tl.load(b + i_bh * S_pad + t)
     ic = tl.load(ig + i_bh * S_pad + t)
     mt = tl.load(m_t + i_bh * S_pad + t)
@@ -187,17 +287,20 @@ def _bwd_chunk(
     dqnc = tl.load(dqn + i_bh * S_pad + t)
     st = i_bh * (NC + 1) + c
     m_c = tl.load(ms + st)
-    m_next = _safe(tl.load(ms + st + 1))
+    m_next_raw = tl.load(ms + st + 1)
+    m_next = _safe(m_next_raw)
     b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
     nc = tl.load(ns + st * DK + o_k)
     dn1 = tl.load(dns + (st + 1) * DK + o_k)
 
     causal = o_t[:, None] >= o_t[None, :]
-    E = tl.exp(tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf")) - mt[:, None])
+    log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
+    E = tl.exp(log_d - mt[:, None])
     QK = tl.dot(qc, tl.trans(kc), input_precision=PREC)
     A = QK * E
     a = tl.exp(bc + m_c - mt)
-    w = tl.exp(b_last - bc + ic - m_next)
+    log_w = b_last - bc + ic
+    w = tl.exp(log_w - m_next)
     g = tl.exp(b_last + m_c - m_next)
 
     dA = tl.zeros([L, L], dtype=tl.float32) + dqnc[:, None]
@@ -206,7 +309,7 @@ def _bwd_chunk(
     state_dot = tl.sum(nc * dn1, 0)
     for i_v in range(0, DV // BV):
         o_v = i_v * BV + tl.arange(0, BV)
-        vc = tl.load(v + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
         dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
         Cc = tl.load(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :])
         dC1 = tl.load(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :])
@@ -231,8 +334,23 @@ def _bwd_chunk(
     # every exponent is linear in b and ĩ: q·dq is the "+b_t" share, k·dk the "ĩ_s - b_s" share
     k_dk = tl.sum(kc.to(tl.float32) * dk_acc, 1)
     dbc = tl.sum(qc.to(tl.float32) * dq_acc, 1) - k_dk + tl.where(o_t == L - 1, d_last, 0.0)
-    tl.store(di + i_bh * S_pad + t, k_dk)
-    tl.store(db + i_bh * S_pad + t, dbc)
+
+    # the stabiliser: m_t = b_t + (b_t - b_s + ĩ_s at its in-chunk argmax s, or the carried m_c),
+    # and m_{c+1} = b_last + (m_c, or -b_s + ĩ_s at the argmax of log_w): ∂L/∂m goes to those s
+    dmc = tl.load(dm + i_bh * S_pad + t)
+    dm_next = tl.load(dms + st + 1)
+    s_row = tl.argmax(log_d, 1)
+    own = (o_t[None, :] == s_row[:, None]) & (bc + m_c != mt)[:, None]
+    to_key = tl.sum(tl.where(own, dmc[:, None], 0.0), 0)
+    from_next = tl.where(b_last + m_c != m_next_raw, dm_next, 0.0)
+    to_key += tl.where(o_t == tl.argmax(log_w, 0), from_next, 0.0)
+    dbc += dmc - to_key + tl.where(o_t == L - 1, dm_next, 0.0)
+
+    i_b, i_h = i_bh // NH, i_bh % NH
+    fc = tl.load(f_pre + i_b * s_fb + i_h * s_fh + t * s_ft, mask=in_seq, other=0.0).to(tl.float32)
+    dfc = tl.cumsum(dbc, 0, reverse=True) * tl.sigmoid(-fc)
+    tl.store(di + i_bh * S + t, (k_dk + to_key).to(di.dtype.element_ty), mask=in_seq)
+    tl.store(df + i_bh * S + t, dfc.to(df.dtype.element_ty), mask=in_seq)
 
 
 def _state_blocks(batch_heads: int, dk: int, dv: int) -> tuple[int, int]:
@@ -245,11 +363,15 @@ def _state_blocks(batch_heads: int, dk: int, dv: int) -> tuple[int, int]:
 
 def _check(q, k, v, i_pre, f_pre, chunk_size):
     B, NH, S, DK = q.shape
-    DV = v.shape[-1]
-    if k.shape != q.shape or v.shape[:3] != (B, NH, S) or i_pre.shape != (B, NH, S) or f_pre.shape != (B, NH, S):
+    NKV, DV = k.shape[1], v.shape[-1]
+    if (
+        k.shape != (B, NKV, S, DK) or v.shape[:3] != (B, NKV, S) or NKV < 1 or NH % NKV
+        or i_pre.shape != (B, NH, S) or f_pre.shape != (B, NH, S)
+    ):
         raise ValueError(
             f"mlstm shapes disagree: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
-            f"i_pre {tuple(i_pre.shape)} f_pre {tuple(f_pre.shape)}; expected q,k (B,NH,S,DK), v (B,NH,S,DV), gates (B,NH,S)"
+            f"i_pre {tuple(i_pre.shape)} f_pre {tuple(f_pre.shape)}; expected q (B,NH,S,DK), k (B,NKV,S,DK), "
+            "v (B,NKV,S,DV) with NH a multiple of NKV, gates (B,NH,S)"
         )
     for name, d in (("DK", DK), ("DV", DV), ("chunk_size", chunk_size)):
         if d < 16 or d & (d - 1):
@@ -258,76 +380,49 @@ def _check(q, k, v, i_pre, f_pre, chunk_size):
         raise ValueError("mlstm_chunkwise_triton needs CUDA tensors; use xmerge.modeling.mlstm on CPU")
 
 
-def _gates(i_pre, f_pre, L):
-    """ĩ and the in-chunk cumsum b of log σ(f̃), fp32, padded to whole chunks: (B*NH, S_pad)."""
-    B, NH, S = i_pre.shape
-    pad = -S % L
-    ig = F.pad(i_pre.float().reshape(B * NH, S), (0, pad), value=float("-inf"))
-    log_f = F.pad(F.logsigmoid(f_pre.float()).reshape(B * NH, S), (0, pad), value=0.0)
-    b = log_f.view(B * NH, -1, L).cumsum(-1).view(B * NH, -1)
-    return ig.contiguous(), b.contiguous()
-
-
-def _chunk_stabilisers(ig, b, m0, L):
-    """Stabiliser m at every chunk start (BH, NC+1), exact via a max-plus scan over chunks.
-
-    m_{c+1} = max(b_last,c + m_c, M_c) with M_c = max_s(b_last,c - b_s + ĩ_s) unrolls to
-    m_c = P_c + max(m_0, max_{j<c} M_j - P_{j+1}) with P the prefix sum of b_last (in fp64,
-    since P grows with the sequence). Also returns each key's weight into the next chunk-start
-    state, w (BH, S_pad), and the carried state's decay per chunk, g (BH, NC).
-    """
-    BH = b.shape[0]
-    b_last = b[:, L - 1 :: L]  # (BH, NC)
-    log_w = (b_last.unsqueeze(-1) - b.view(BH, -1, L) + ig.view(BH, -1, L))  # (BH, NC, L)
-    M = log_w.amax(-1).double()
-    P = F.pad(b_last.double().cumsum(-1), (1, 0))  # (BH, NC+1)
-    cand = torch.cat([m0.double().reshape(BH, 1), M - P[:, 1:]], dim=-1)
-    ms = (P + torch.cummax(cand, dim=-1).values).float()
-    m_next = torch.where(torch.isinf(ms[:, 1:]), 0.0, ms[:, 1:])
-    w = torch.exp(log_w - m_next.unsqueeze(-1)).view(BH, -1)
-    g = torch.exp(b_last + ms[:, :-1] - m_next)
-    return ms.contiguous(), w.contiguous(), g.contiguous()
-
-
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, C0, n0, m0, L, eps):
         B, NH, S, DK = q.shape
-        DV = v.shape[-1]
-        BH, NC = B * NH, triton.cdiv(S, L)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ig, b = _gates(i_pre, f_pre, L)
+        NKV, DV = k.shape[1], v.shape[-1]
+        BH, NC, REP = B * NH, triton.cdiv(S, L), NH // NKV
         S_pad = NC * L
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dev, f32 = q.device, torch.float32
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        ig = torch.empty(BH, S_pad, device=dev, dtype=f32)
+        b, wk = torch.empty_like(ig), torch.empty_like(ig)
+        M = torch.empty(BH, NC, device=dev, dtype=f32)
+        _fwd_gates[(NC, BH)](i_pre, f_pre, ig, b, wk, M, S, S_pad, NC, NH, *i_pre.stride(), *f_pre.stride(), L=L)
+
         has_init = C0 is not None
-        if has_init:
-            C0c, n0c, m0c = C0.float().contiguous(), n0.float().contiguous(), m0.float()
+        if has_init:  # the kernel reads them as flat fp32 rows
+            C0c, n0c, m0c = C0.float().contiguous(), n0.float().contiguous(), m0.float().contiguous()
         else:
-            C0c = n0c = ig  # unused
-            m0c = torch.full((BH,), float("-inf"), device=dev)
-        ms, w, g = _chunk_stabilisers(ig, b, m0c, L)
+            C0c = n0c = m0c = ig  # unused
         Cs = torch.empty(BH, NC + 1, DK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(BH, NC + 1, DK, device=dev, dtype=f32)
+        ms = torch.empty(BH, NC + 1, device=dev, dtype=f32)
         C_last = torch.empty(B, NH, DK, DV, device=dev, dtype=f32)
         n_last = torch.empty(B, NH, DK, device=dev, dtype=f32)
-        m_last = ms[:, NC].reshape(B, NH).clone()
+        m_last = torch.empty(B, NH, device=dev, dtype=f32)
         BK, BVs = _state_blocks(BH, DK, DV)
         _fwd_states[(DK // BK, DV // BVs, BH)](
-            k, v, w, g, C0c, n0c, Cs, ns, C_last, n_last, S, S_pad, NC,
+            k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, C_last, n_last, m_last, S, S_pad, NC, REP,
             HAS_INIT=has_init, DK=DK, DV=DV, L=L, BK=BK, BV=BVs, PREC=prec,
         )
-        h = torch.empty_like(v)
+        h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
         m_t = torch.empty(BH, S_pad, device=dev, dtype=f32)
         qn = torch.empty(BH, S_pad, device=dev, dtype=f32)
         BV = min(64, DV)
         _fwd_out[(DV // BV, NC, BH)](
-            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, eps,
+            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps,
             DK=DK, DV=DV, L=L, BV=BV, PREC=prec, num_warps=4 if DK <= 64 else 8,
         )
         ctx.save_for_backward(q, k, v, i_pre, f_pre, ig, b, Cs, ns, ms, m_t, qn, h, C0, n0, m0)
         ctx.L, ctx.eps, ctx.prec, ctx.has_init = L, eps, prec, has_init
         ctx.mark_non_differentiable(C_last, n_last, m_last)
+        ctx.set_materialize_grads(False)  # no zero gradients for the final state, which backward ignores
         return h, C_last, n_last, m_last
 
     @staticmethod
@@ -335,56 +430,43 @@ class _MLSTMChunkwise(torch.autograd.Function):
         q, k, v, i_pre, f_pre, ig, b, Cs, ns, ms, m_t, qn, h, C0, n0, m0 = ctx.saved_tensors
         L, eps, prec = ctx.L, ctx.eps, ctx.prec
         B, NH, S, DK = q.shape
-        DV = v.shape[-1]
-        BH, NC = B * NH, triton.cdiv(S, L)
+        NKV, DV = k.shape[1], v.shape[-1]
+        BH, NC, REP = B * NH, triton.cdiv(S, L), NH // NKV
         S_pad = NC * L
         dh = dh.contiguous()
-        # ∂L/∂qn and ∂L/∂m_t (the eps·exp(m) path) from h·dh, per position: (BH, S_pad)
-        hdh = F.pad((h.float() * dh.float()).sum(-1).reshape(BH, S), (0, S_pad - S))
-        floor = torch.exp(-m_t)
-        den = torch.maximum(qn.abs(), floor) + eps
-        dqn = torch.where(qn.abs() > floor, -torch.sign(qn) * hdh / den, 0.0)
-        dm_t = -eps * hdh / den
+        den, dqn, dm = torch.empty_like(m_t), torch.empty_like(m_t), torch.empty_like(m_t)
+        D = torch.empty(BH, NC, device=q.device, dtype=torch.float32)
+        _bwd_prep[(NC, BH)](h, dh, b, ms, m_t, qn, den, dqn, dm, D, S, S_pad, NC, eps, DV=DV, L=L, BV=min(64, DV))
 
-        dCs = torch.empty_like(Cs)
-        dns = torch.empty_like(ns)
+        dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         BK, BVs = _state_blocks(BH, DK, DV)
         _bwd_states[(DK // BK, DV // BVs, BH)](
-            q, dh, b, ms, m_t, den, dqn, dCs, dns, S, S_pad, NC,
+            q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC,
             DK=DK, DV=DV, L=L, BK=BK, BV=BVs, PREC=prec,
         )
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        di = torch.empty(BH, S_pad, device=q.device, dtype=torch.float32)
-        db = torch.empty_like(di)
+        dq = torch.empty_like(q)
+        dk = torch.empty(B, NH, S, DK, device=q.device, dtype=k.dtype)  # per query head
+        dv = torch.empty(B, NH, S, DV, device=q.device, dtype=v.dtype)
+        d_i = torch.empty(B, NH, S, device=q.device, dtype=i_pre.dtype)
+        d_f = torch.empty(B, NH, S, device=q.device, dtype=f_pre.dtype)
         _bwd_chunk[(NC, BH)](
-            q, k, v, dh, b, ig, Cs, ns, ms, dCs, dns, m_t, den, dqn, dq, dk, dv, di, db,
-            S, S_pad, NC, DK=DK, DV=DV, L=L, BV=min(64, DV), PREC=prec, num_warps=4 if DK <= 64 else 8,
+            q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dq, dk, dv, d_i, d_f,
+            S, S_pad, NC, REP, NH, *f_pre.stride(),
+            DK=DK, DV=DV, L=L, BV=min(64, DV), PREC=prec, num_warps=4 if DK <= 64 else 8,
             num_stages=2 if DK <= 64 and q.dtype != torch.float32 else 1,  # shared memory: 228 KB per SM
         )
-        d_log_f = db.view(BH, NC, L).flip(-1).cumsum(-1).flip(-1).reshape(BH, S_pad)[:, :S]
-        di = di[:, :S]
-
-        # route ∂L/∂m_t to the argmax of m_t = F_t + max(m_0, max_{s<=t} ĩ_s - F_s)
-        log_f = F.logsigmoid(f_pre.float()).reshape(BH, S)
-        F_cum = log_f.cumsum(-1)
-        m0_col = m0.float().reshape(BH, 1) if ctx.has_init else torch.full((BH, 1), float("-inf"), device=q.device)
-        cand = torch.cat([m0_col, i_pre.float().reshape(BH, S) - F_cum], dim=-1)
-        arg = torch.cummax(cand, dim=-1).indices[:, 1:]
-        dm = dm_t[:, :S]
-        d_cand = torch.zeros_like(cand).scatter_add_(-1, arg, dm)
-        di = di + d_cand[:, 1:]
-        d_log_f = d_log_f + (dm - d_cand[:, 1:]).flip(-1).cumsum(-1).flip(-1)
-        d_f = (d_log_f * torch.sigmoid(-f_pre.float().reshape(BH, S))).reshape(B, NH, S)
-        d_i = di.reshape(B, NH, S)
+        if REP > 1:  # query heads of one group share k and v
+            dk = dk.view(B, NKV, REP, S, DK).sum(2)
+            dv = dv.view(B, NKV, REP, S, DV).sum(2)
 
         dC0 = dn0 = dm0 = None
         if ctx.has_init:
             dC0 = dCs[:, 0].float().reshape(B, NH, DK, DV)
             dn0 = dns[:, 0].reshape(B, NH, DK)
             # (C0, n0) are stabilised by m0: raising m0 scales the true state
-            dm0 = (C0.float() * dC0).sum((-2, -1)) + (n0.float() * dn0).sum(-1) + d_cand[:, 0].reshape(B, NH)
+            dm0 = (C0.float() * dC0).sum((-2, -1)) + (n0.float() * dn0).sum(-1) + dms[:, 0].reshape(B, NH)
             dC0, dn0, dm0 = dC0.to(C0.dtype), dn0.to(n0.dtype), dm0.to(m0.dtype)
-        return dq, dk, dv, d_i.to(i_pre.dtype), d_f.to(f_pre.dtype), dC0, dn0, dm0, None, None
+        return dq, dk, dv, d_i, d_f, dC0, dn0, dm0, None, None
 
 
 def mlstm_chunkwise_triton(
@@ -397,9 +479,10 @@ def mlstm_chunkwise_triton(
     chunk_size: int = 64,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise mLSTM on CUDA: h (B, NH, S, DV) and the final state (C, n, m), fp32.
+    """Chunkwise mLSTM on CUDA: h (B, NH, S, DV) in v's dtype and the final state (C, n, m), fp32.
 
-    q, k: (B, NH, S, DK); v: (B, NH, S, DV); i_pre, f_pre: (B, NH, S);
+    q: (B, NH, S, DK); k: (B, NKV, S, DK), v: (B, NKV, S, DV) with NH a multiple of NKV (grouped
+    heads, read in place); i_pre, f_pre: (B, NH, S), any float dtype and strides;
     state: (C (B, NH, DK, DV), n (B, NH, DK), m (B, NH)) or None for the empty state.
     DK, DV and chunk_size must be powers of two >= 16. ĩ = -inf marks padded positions.
     """
