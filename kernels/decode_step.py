@@ -116,14 +116,13 @@ def _decode_step(
         acc = v
         kv = b * HKV + hkv
         if S > 0:
-            j = tl.arange(0, S_PAD)
-            sp = tl.load(sink_pos + b * S + j, mask=j < S, other=-1)
-            ok = (sp >= 0) & (pos - sp >= W)  # a sink inside the window is counted there, once
-            kv_off = (kv * S + j[:, None]) * D + d[None, :]
-            ks = tl.load(sink_k + kv_off, mask=(j < S)[:, None], other=0.0).to(tl.float32)
-            vs = tl.load(sink_v + kv_off, mask=(j < S)[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(qs[None, :] * ks, 1), float("-inf"))
-            m_i, l_i, acc = _attend(scores, vs, m_i, l_i, acc)
+            js = tl.arange(0, S_PAD)
+            sp = tl.load(sink_pos + b * S + js, mask=js < S, other=-1)
+            sink_ok = (sp >= 0) & (pos - sp >= W)  # a sink inside the window is counted there, once
+            sink_off = (kv * S + js[:, None]) * D + d[None, :]
+            ks = tl.load(sink_k + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
+            vs = tl.load(sink_v + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
+            m_i, l_i, acc = _attend(tl.where(sink_ok, tl.sum(qs[None, :] * ks, 1), float("-inf")), vs, m_i, l_i, acc)
         for w0 in range(0, W, BLOCK_W):
             j = w0 + tl.arange(0, BLOCK_W)
             rp = tl.load(ring_pos + j, mask=j < W, other=-1)

@@ -1,0 +1,261 @@
+"""The fused Triton decode step (kernels/decode_step.py) against the pure-PyTorch reference.
+
+Marked gpu: CI (no CUDA) skips them. They also run on CPU in the Triton interpreter:
+``TRITON_INTERPRET=1 PYTHONPATH=/tmp/triton-site .venv/bin/pytest -q tests/test_gpu_decode.py``
+(the CUDA-graph and autocast tests still need CUDA). Errors are relative in the Frobenius norm.
+Tolerances: fp32 1e-5 (same math, other summation order); bf16 weights and buffers against the fp32
+reference 2e-2; under bf16 autocast within max(2e-2, 2 × the reference path's own autocast error).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import math
+import os
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from common import gpu, tiny_student, tiny_teacher
+from xmerge.modeling.convert import convert_teacher
+from xmerge.modeling.mlstm import mlstm_recurrent_step
+from xmerge.modeling.swa import window_sink_attention
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if CUDA else "cpu"
+kernel_test = (lambda test: test) if INTERPRETED else gpu  # the interpreter runs the kernel on CPU tensors
+WINDOW, SINKS = 8, 3
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, sinks, *, H, Hkv, mixer, after_rope, eps):
+    """The kernel's contract written with the student's reference functions: h (B, H, D), new state, new ring."""
+    B, D, rep = proj.shape[0], fmaps[0][0].shape[-1], H // Hkv
+    qd, kd = H * D, Hkv * D
+    q = proj[:, :qd].view(B, H, 1, D)
+    k = proj[:, qd : qd + kd].view(B, Hkv, 1, D)
+    v = proj[:, qd + kd : qd + 2 * kd].view(B, Hkv, 1, D)
+    i_pre, f_pre = proj[:, qd + 2 * kd :].split(H, dim=1)
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos[:, None], sin[:, None])
+    ring_k, ring_v, ring_pos = (t.clone() for t in ring)
+    outs = {}
+    if mixer != "swa":
+        fq, fk = (q_rot, k_rot) if after_rope else (q, k)
+        phi = [torch.softmax(torch.einsum("bhd,hde->bhe", u[:, :, 0], w) + b, dim=-1) for u, (w, b) in zip((fq, fk), fmaps)]
+        outs["mlstm"], state = mlstm_recurrent_step(
+            phi[0], phi[1].repeat_interleave(rep, 1), v[:, :, 0].repeat_interleave(rep, 1), i_pre, f_pre, state, eps
+        )
+    if mixer != "mlstm":
+        positions = torch.tensor([pos], device=proj.device)
+        outs["swa"] = window_sink_attention(
+            q_rot, torch.cat([ring_k, k_rot], 2), torch.cat([ring_v, v], 2), torch.cat([ring_pos, positions]),
+            *sinks, q_pos=positions, start=start, window=ring_pos.shape[0],
+        )[:, :, 0]
+        slot = pos % ring_pos.shape[0]
+        ring_k[:, :, slot], ring_v[:, :, slot], ring_pos[slot] = k_rot[:, :, 0], v[:, :, 0], pos
+    if mixer == "hybrid":
+        o = torch.sigmoid(proj[:, : qd + 2 * kd] @ ogate[0].T + ogate[1])[..., None]
+        h = o * outs["mlstm"] + (1 - o) * outs["swa"]
+    else:
+        h = outs[mixer]
+    return h, state, (ring_k, ring_v, ring_pos)
+
+
+@kernel_test
+@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope", [
+    (9, 3, 64, 100, 4, "hybrid", False),  # SmolLM2 heads, two ring blocks, W not a power of two
+    (4, 4, 32, 64, 0, "hybrid", True),  # no GQA, no sinks, feature maps on rotated q/k
+    (6, 2, 16, 5, 7, "hybrid", False),  # more sinks than window
+    (4, 2, 16, 100, 4, "swa", False),
+    (4, 2, 16, 100, 4, "mlstm", True),
+])
+def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope):
+    from xmerge.kernels.decode_step import fused_decode_step
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    B, pos, eps = 3, 150, 1e-6
+    proj = rnd(B, (H + 2 * Hkv) * D + 2 * H)
+    angle = rnd(B, D // 2)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    start = torch.tensor([0, 70, 140], device=DEVICE)[:B]  # row 1: sinks inside the window; row 2: short
+    state = (rnd(B, H, D, D).abs(), rnd(B, H, D).abs(), rnd(B, H))
+    state[2][0, 0] = float("-inf")  # a head with no mass yet
+    fmaps = ((rnd(H, D, D), rnd(H, D)), (rnd(Hkv, D, D), rnd(Hkv, D)))
+    ogate = (0.1 * rnd(H, (H + 2 * Hkv) * D), rnd(H))
+    ring_pos = torch.arange(pos - W, pos, device=DEVICE)
+    ring_pos = ring_pos[torch.argsort(ring_pos % W)]  # slot = position % W, slot pos % W holds the stale pos - W
+    ring = (rnd(B, Hkv, W, D), rnd(B, Hkv, W, D), ring_pos)
+    sink_pos = start[:, None] + torch.arange(S, device=DEVICE)
+    sinks = (rnd(B, Hkv, S, D), rnd(B, Hkv, S, D), sink_pos)
+    want_h, want_state, want_ring = reference_branches(
+        proj, cos, sin, pos, start, state, fmaps, ogate, ring, sinks, H=H, Hkv=Hkv, mixer=mixer,
+        after_rope=after_rope, eps=eps,
+    )
+    state = tuple(t.clone() for t in state)
+    h = fused_decode_step(
+        proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], cos, sin, torch.tensor([pos], device=DEVICE), start,
+        state, *fmaps, ogate, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps,
+    )
+    assert rel_err(h, want_h) < 1e-5
+    if mixer != "swa":
+        for got, want in zip(state, want_state):
+            assert rel_err(got.nan_to_num(neginf=0), want.nan_to_num(neginf=0)) < 1e-5
+        assert state[2][0, 0] != float("-inf") and torch.equal(state[2].isinf(), want_state[2].isinf())
+    for got, want in zip(ring, want_ring):
+        assert rel_err(got.float(), want.float()) < 1e-6
+
+
+def prefilled(model, prompt_len: int = 20):
+    """The model's cache after a left-padded prompt of 2 rows (row 1: 5 pads) and the next tokens."""
+    ids = torch.randint(0, 259, (2, prompt_len), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    out = model(ids, attention_mask=mask, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+@kernel_test
+@pytest.mark.parametrize("mixer,family", list(itertools.product(["hybrid", "swa", "mlstm"], ["llama", "olmo2"])))
+def test_fused_step_equals_reference_step_fp32(mixer, family):
+    from xmerge.modeling.decode_graph import decode_step, pack_projections
+
+    model = tiny_student(family, mixer=mixer, window=WINDOW, sinks=SINKS, chunk_size=4).to(DEVICE)
+    with torch.no_grad():
+        ref_cache, tok = prefilled(model)
+        cache = copy.deepcopy(ref_cache)
+        packed = pack_projections(model, torch.float32)
+        slot = torch.tensor([cache.seen], device=DEVICE)
+        for _ in range(25):  # wraps the window (8) three times; row 0's sinks fall outside it
+            ref = decode_step(model, tok, slot, ref_cache)
+            ours = decode_step(model, tok, slot, cache, packed)
+            slot += 1
+            assert rel_err(ours, ref) < 1e-5
+            tok = ref[:, -1:].argmax(-1)
+    for got, want in zip(cache.layers, ref_cache.layers):
+        assert torch.equal(got.ring_pos, want.ring_pos)
+        assert rel_err(got.ring_k, want.ring_k) < 1e-5 and rel_err(got.ring_v, want.ring_v) < 1e-5
+        if mixer != "swa":
+            assert all(rel_err(a, b) < 1e-5 for a, b in zip(got.mlstm, want.mlstm))  # m is finite after a step
+
+
+@kernel_test
+@pytest.mark.parametrize("mixer", ["hybrid", "swa", "mlstm"])
+def test_fused_step_bf16_within_tolerance_of_fp32_reference(mixer):
+    from xmerge.modeling.decode_graph import decode_step, pack_projections
+
+    model = tiny_student("qwen2", mixer=mixer, window=WINDOW, sinks=SINKS, chunk_size=4).to(DEVICE)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_cache, tok = prefilled(model)
+        cache = copy.deepcopy(ref_cache)
+        for layer in cache.layers:  # bf16 ring and sinks, as a bf16 model allocates them; the state stays fp32
+            for name in ("ring_k", "ring_v", "sink_k", "sink_v"):
+                setattr(layer, name, getattr(layer, name).to(torch.bfloat16))
+        packed = pack_projections(half, torch.bfloat16)
+        slot = torch.tensor([cache.seen], device=DEVICE)
+        for _ in range(20):
+            ref = decode_step(model, tok, slot, ref_cache)
+            ours = decode_step(half, tok, slot, cache, packed)
+            slot += 1
+            assert ours.dtype == torch.bfloat16 and rel_err(ours, ref) < 2e-2
+            tok = ref[:, -1:].argmax(-1)
+
+
+@gpu
+def test_fused_step_under_autocast_within_reference_autocast_error():
+    from xmerge.modeling.decode_graph import decode_step, pack_projections
+
+    model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=4).cuda()
+    with torch.no_grad():
+        exact_cache, tok = prefilled(model)
+        ref_cache, cache = copy.deepcopy(exact_cache), copy.deepcopy(exact_cache)
+        packed = pack_projections(model, torch.bfloat16)
+        slot = torch.tensor([cache.seen], device="cuda")
+        for _ in range(20):
+            exact = decode_step(model, tok, slot, exact_cache)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ref = decode_step(model, tok, slot, ref_cache)
+                ours = decode_step(model, tok, slot, cache, packed)
+            slot += 1
+            assert rel_err(ours, exact) < max(2e-2, 2 * rel_err(ref, exact))
+            tok = exact[:, -1:].argmax(-1)
+
+
+@gpu
+@pytest.mark.parametrize("mixer", ["hybrid", "swa", "mlstm"])
+def test_graphed_decoder_with_fused_step_equals_generate(mixer, monkeypatch):
+    from xmerge.modeling.decode_graph import GraphedGreedyDecoder
+
+    model = tiny_student("llama", mixer=mixer, window=32, sinks=4, chunk_size=16).cuda()
+    prompt = torch.randint(0, 259, (3, 100), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :10] = 0
+    mask[2, :60] = 0
+    monkeypatch.setenv("XMERGE_KERNELS", "1")  # same kernel prefill for both; generate() decodes with the eager step
+    with torch.no_grad():
+        eager = model.generate(
+            prompt, attention_mask=mask, max_new_tokens=70, do_sample=False, eos_token_id=None, pad_token_id=256
+        )[:, 100:]
+        out = model(prompt, attention_mask=mask, use_cache=True)
+        decoder = GraphedGreedyDecoder(model, out.past_key_values, out.logits[:, -1:].argmax(-1))
+        graphed = torch.cat([decoder.generate(30), decoder.generate(40)], dim=1)  # 70 > 2 windows
+    assert decoder.packed is not None  # the fused kernel step was captured
+    assert torch.equal(graphed, eager)
+
+
+@gpu
+def test_switch_off_captures_the_reference_step(monkeypatch):
+    from xmerge.modeling.decode_graph import GraphedGreedyDecoder
+
+    model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=4).cuda()
+    monkeypatch.setenv("XMERGE_KERNELS", "0")
+    with torch.no_grad():
+        cache, tok = prefilled(model)
+        assert GraphedGreedyDecoder(model, cache, tok).packed is None
+
+
+@gpu  # in the interpreter the kernel call itself dispatches torch ops
+def test_fused_step_launches_few_ops_per_layer():
+    """Kernel count of the fused step: ops the torch dispatcher runs per layer (views excluded), plus the
+    fused kernel itself, against the reference step's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xmerge.modeling.decode_graph import decode_step, pack_projections
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for layers in (2, 4):
+        config = tiny_teacher("llama").config
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = convert_teacher(LlamaForCausalLM(config).eval(), window=WINDOW, sinks=SINKS, chunk_size=4)
+        model = model.eval().to(DEVICE)
+        with torch.no_grad():
+            cache, tok = prefilled(model)
+            packed = pack_projections(model, torch.float32)
+            slot = torch.tensor([cache.seen], device=DEVICE)
+            for name, args in (("reference", ()), ("fused", (packed,))):
+                with CountOps() as ops:
+                    decode_step(model, tok, slot, cache, *args)
+                counts[name, layers] = ops.count
+    per_layer = {name: (counts[name, 4] - counts[name, 2]) / 2 for name in ("reference", "fused")}
+    per_layer["fused"] += 1  # the Triton kernel, which the dispatcher does not see
+    print("ops per layer per step:", per_layer)
+    assert per_layer["fused"] <= 30 and per_layer["reference"] >= 2 * per_layer["fused"]
