@@ -144,9 +144,9 @@ def _decode_step(
     if MLSTM and SWA:
         o_acc = tl.zeros([BLOCK_O], dtype=tl.float32)
         for j0 in range(0, NQKV, BLOCK_O):
-            j = j0 + tl.arange(0, BLOCK_O)
-            raw = tl.load(proj + b * stride_proj + j, mask=j < NQKV, other=0.0).to(tl.float32)
-            o_acc += raw * tl.load(og_w + h * NQKV + j, mask=j < NQKV, other=0.0).to(tl.float32)
+            jo = j0 + tl.arange(0, BLOCK_O)
+            raw = tl.load(proj + b * stride_proj + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
+            o_acc += raw * tl.load(og_w + h * NQKV + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
         o = tl.sigmoid(tl.sum(o_acc, 0) + tl.load(og_b + h).to(tl.float32))
         result = o * h_mlstm + (1.0 - o) * h_swa
     elif MLSTM:

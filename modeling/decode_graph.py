@@ -1,7 +1,7 @@
 """Greedy decode of the student with one captured CUDA graph per token step.
 
-The eager decode step launches a few thousand small kernels from Python (≈80 per layer), so it is
-Python-bound. Every decode buffer already has its final shape (HybridCache: mLSTM state, ring and
+The eager decode step launches a few thousand small kernels from Python (≈120 ops per layer), so it
+is Python-bound. Every decode buffer already has its final shape (HybridCache: mLSTM state, ring and
 sink buffers), so the step can be captured once
 and replayed: ``decode_step`` is the student's layer forward for one token with the position held
 in a device tensor and no host syncs; it reuses the student's own modules and branch functions.
