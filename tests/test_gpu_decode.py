@@ -49,7 +49,8 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
     outs = {}
     if mixer != "swa":
         fq, fk = (q_rot, k_rot) if after_rope else (q, k)
-        phi = [torch.softmax(torch.einsum("bhd,hde->bhe", u[:, :, 0], w) + b, dim=-1) for u, (w, b) in zip((fq, fk), fmaps)]
+        phi = [torch.softmax(torch.einsum("bhd,hde->bhe", u[:, :, 0], w) + b, dim=-1)
+               for u, (w, b) in zip((fq, fk), fmaps)]
         outs["mlstm"], state = mlstm_recurrent_step(
             phi[0], phi[1].repeat_interleave(rep, 1), v[:, :, 0].repeat_interleave(rep, 1), i_pre, f_pre, state, eps
         )
