@@ -67,19 +67,23 @@ def mlstm_forward(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM: h (B, NH, S, DV) in ``mlstm_dtype`` and the final state (fp32).
 
-    q, k: (B, NH, S, DK) feature-mapped; v: (B, NH, S, DV), best already in ``mlstm_dtype`` (then no
-    copy is made); i_pre, f_pre: (B, NH, S), ĩ = -inf on padding; state: (C (B, NH, DK, DV),
-    n (B, NH, DK), m (B, NH)) or None.
+    q: (B, NH, S, DK) and k: (B, NKV, S, DK) feature-mapped, NH a multiple of NKV (query head h reads
+    kv head h // (NH / NKV)); v: (B, NKV, S, DV); q, k, v best already in ``mlstm_dtype`` (then no
+    copy is made); i_pre, f_pre: (B, NH, S), any float dtype (the kernel reads them in place, the
+    reference in fp32), ĩ = -inf on padding; state: (C (B, NH, DK, DV), n (B, NH, DK), m (B, NH)) or None.
     """
     if not _mlstm_kernel_takes(q, v.shape[-1], chunk_size):
-        return mlstm_chunkwise(q, k, v, i_pre, f_pre, chunk_size=chunk_size, state=state, eps=eps)
+        rep = q.shape[1] // k.shape[1]
+        return mlstm_chunkwise(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), i_pre.float(), f_pre.float(),
+            chunk_size=chunk_size, state=state, eps=eps,
+        )
     from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
 
     dtype = _kernel_dtype(q)
     with torch.autocast("cuda", enabled=False):
         return mlstm_chunkwise_triton(
-            q.to(dtype), k.to(dtype), v.to(dtype), i_pre.float(), f_pre.float(),
-            state=state, chunk_size=chunk_size, eps=eps,
+            q.to(dtype), k.to(dtype), v.to(dtype), i_pre, f_pre, state=state, chunk_size=chunk_size, eps=eps
         )
 
 

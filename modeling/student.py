@@ -90,7 +90,10 @@ class FeatureMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, dim))  # (H, D)
 
     def forward(self, u):  # u: (B, H, T, D)
-        return torch.softmax(torch.einsum("bhtd,hde->bhte", u, self.weight) + self.bias[:, None], dim=-1)
+        B, H, T, D = u.shape
+        rows = u.transpose(0, 1).reshape(H, B * T, D)  # a view for the projections' (B, T, H, D) layout
+        logits = torch.baddbmm(self.bias[:, None], rows, self.weight)  # bias added inside the matmul
+        return torch.softmax(logits, dim=-1).view(H, B, T, D).transpose(0, 1)
 
 
 class MLP(nn.Module):
@@ -153,23 +156,24 @@ class HybridAttention(nn.Module):
     def _mlstm(self, x, q, k, v, positions, start, layer: LayerCache | None, padded: bool = True):
         """mLSTM branch: (B, H, T, D) in the kernel's dtype or fp32. ``padded=False`` (known on the host:
         no row has left padding among these tokens) skips masking ĩ on the device."""
-        rep = self.heads // self.kv_heads
         state = layer.mlstm if layer is not None else None
         step = state is not None and q.shape[2] == 1
         # the decode step and the reference compute in fp32; the chunkwise kernel takes the model's dtype
         dtype = torch.float32 if step else mlstm_dtype(q, self.head_dim, self.config.chunk_size)
         phi_q = self.fmap_q(q.to(dtype)).to(dtype)
-        phi_k = self.fmap_k(k.to(dtype)).to(dtype).repeat_interleave(rep, dim=1)
-        v = v.to(dtype).repeat_interleave(rep, dim=1)
-        i_pre = self.igate(x).float().transpose(1, 2)  # (B, H, T)
-        f_pre = self.fgate(x).float().transpose(1, 2)
+        phi_k = self.fmap_k(k.to(dtype)).to(dtype)  # (B, Hkv, T, D): the chunkwise path reads kv heads in place
+        v = v.to(dtype)
+        i_pre = self.igate(x).transpose(1, 2)  # (B, H, T) in the model's dtype: mlstm_forward takes any
+        f_pre = self.fgate(x).transpose(1, 2)
         if padded:
             padding = positions[None, :] < start[:, None]  # (B, T)
             i_pre = i_pre.masked_fill(padding[:, None, :], float("-inf"))
         eps = self.config.mlstm_eps
         if step:
+            rep = self.heads // self.kv_heads
             h, state = mlstm_recurrent_step(
-                phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], i_pre[..., 0], f_pre[..., 0], state, eps
+                phi_q[:, :, 0], phi_k[:, :, 0].repeat_interleave(rep, dim=1), v[:, :, 0].repeat_interleave(rep, dim=1),
+                i_pre[..., 0].float(), f_pre[..., 0].float(), state, eps,
             )
             h = h.unsqueeze(2)
         else:

@@ -118,8 +118,9 @@ class _Kernels:
     def mlstm(self, q, k, v, i_pre, f_pre, state=None, chunk_size=64, eps=1e-6):
         self.dtypes.append(("mlstm", q.dtype, k.dtype, v.dtype))
         self.running = True
-        h, state = mlstm_chunkwise(q.float(), k.float(), v.float(), i_pre, f_pre, chunk_size=chunk_size,
-                                   state=state, eps=eps)
+        rep = q.shape[1] // k.shape[1]  # the kernel reads grouped kv heads in place and gates of any dtype
+        h, state = mlstm_chunkwise(q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1),
+                                   i_pre.float(), f_pre.float(), chunk_size=chunk_size, state=state, eps=eps)
         self.running = False
         return h.to(q.dtype), state
 
