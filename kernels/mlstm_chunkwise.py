@@ -179,12 +179,13 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    h, dh, b, ms, m_t, qn, den, dqn, dm, D,
+    h, dh, b, ig, ms, m_t, qn, den, dqn, dm, dm_key, D,
     S, S_pad, NC, eps,
     DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
 ):
-    """Per position: den, ∂L/∂(qᵀn) and ∂L/∂m_t from dh·h; per chunk D = the ∂L/∂m_t of the positions
-    whose m_t is the carried ``b_t + m_c`` (their share of ∂L/∂m_c). Grid (NC, B*NH)."""
+    """Per position: den, ∂L/∂(qᵀn) and ∂L/∂m_t from dh·h. m_t is either an in-chunk
+    ``b_t - b_s + ĩ_s`` (at the row's argmax s) or the carried ``b_t + m_c``: dm_key sums the former
+    per key s; D per chunk sums the latter (their share of ∂L/∂m_c). Grid (NC, B*NH)."""
     c, i_bh = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, L)
     t = c * L + o_t
@@ -203,10 +204,15 @@ def _bwd_prep(
     denc = tl.maximum(tl.abs(qnc), floor) + eps
     dqnc = tl.where(tl.abs(qnc) > floor, tl.where(qnc > 0, -hdh, hdh) / denc, 0.0)
     dmc = -eps * hdh / denc
+    carried = bc + m_c == mt
+    ic = tl.load(ig + i_bh * S_pad + t)
+    log_d = tl.where(o_t[:, None] >= o_t[None, :], bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
+    own = (o_t[None, :] == tl.argmax(log_d, 1)[:, None]) & (~carried)[:, None]
     tl.store(den + i_bh * S_pad + t, denc)
     tl.store(dqn + i_bh * S_pad + t, dqnc)
     tl.store(dm + i_bh * S_pad + t, dmc)
-    tl.store(D + i_bh * NC + c, tl.sum(tl.where(bc + m_c == mt, dmc, 0.0), 0))
+    tl.store(dm_key + i_bh * S_pad + t, tl.sum(tl.where(own, dmc[:, None], 0.0), 0))
+    tl.store(D + i_bh * NC + c, tl.sum(tl.where(carried, dmc, 0.0), 0))
 
 
 @triton.jit
@@ -263,7 +269,7 @@ def _bwd_states(
 
 @triton.jit
 def _bwd_chunk(
-    q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm,
+    q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
     dq, dk, dv, di, df,
     S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -296,12 +302,20 @@ def _bwd_chunk(
     causal = o_t[:, None] >= o_t[None, :]
     log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
     E = tl.exp(log_d - mt[:, None])
-    QK = tl.dot(qc, tl.trans(kc), input_precision=PREC)
-    A = QK * E
-    a = tl.exp(bc + m_c - mt)
     log_w = b_last - bc + ic
     w = tl.exp(log_w - m_next)
     g = tl.exp(b_last + m_c - m_next)
+
+    # the stabiliser: m_t = b_t + (-b_s + ĩ_s, counted in dm_key, or m_c), and m_{c+1} = b_last + (m_c,
+    # or -b_s + ĩ_s at the argmax of log_w): ∂L/∂m goes to b_t, b_last and those keys s (to_key)
+    dm_next = tl.load(dms + st + 1)
+    from_next = tl.where(b_last + m_c != m_next_raw, dm_next, 0.0)
+    to_key = tl.load(dm_key + i_bh * S_pad + t) + tl.where(o_t == tl.argmax(log_w, 0), from_next, 0.0)
+    db_stab = tl.load(dm + i_bh * S_pad + t) - to_key + tl.where(o_t == L - 1, dm_next, 0.0)
+
+    QK = tl.dot(qc, tl.trans(kc), input_precision=PREC)
+    A = QK * E
+    a = tl.exp(bc + m_c - mt)
 
     dA = tl.zeros([L, L], dtype=tl.float32) + dqnc[:, None]
     dq_inter = tl.zeros([L, DK], dtype=tl.float32)
@@ -333,18 +347,8 @@ def _bwd_chunk(
     tl.store(dk + (i_bh * S + t[:, None]) * DK + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=in_seq[:, None])
     # every exponent is linear in b and ĩ: q·dq is the "+b_t" share, k·dk the "ĩ_s - b_s" share
     k_dk = tl.sum(kc.to(tl.float32) * dk_acc, 1)
-    dbc = tl.sum(qc.to(tl.float32) * dq_acc, 1) - k_dk + tl.where(o_t == L - 1, d_last, 0.0)
+    dbc = tl.sum(qc.to(tl.float32) * dq_acc, 1) - k_dk + tl.where(o_t == L - 1, d_last, 0.0) + db_stab
 
-    # the stabiliser: m_t = b_t + (b_t - b_s + ĩ_s at its in-chunk argmax s, or the carried m_c),
-    # and m_{c+1} = b_last + (m_c, or -b_s + ĩ_s at the argmax of log_w): ∂L/∂m goes to those s
-    dmc = tl.load(dm + i_bh * S_pad + t)
-    dm_next = tl.load(dms + st + 1)
-    s_row = tl.argmax(log_d, 1)
-    own = (o_t[None, :] == s_row[:, None]) & (bc + m_c != mt)[:, None]
-    to_key = tl.sum(tl.where(own, dmc[:, None], 0.0), 0)
-    from_next = tl.where(b_last + m_c != m_next_raw, dm_next, 0.0)
-    to_key += tl.where(o_t == tl.argmax(log_w, 0), from_next, 0.0)
-    dbc += dmc - to_key + tl.where(o_t == L - 1, dm_next, 0.0)
 
     i_b, i_h = i_bh // NH, i_bh % NH
     fc = tl.load(f_pre + i_b * s_fb + i_h * s_fh + t * s_ft, mask=in_seq, other=0.0).to(tl.float32)
@@ -434,9 +438,11 @@ class _MLSTMChunkwise(torch.autograd.Function):
         BH, NC, REP = B * NH, triton.cdiv(S, L), NH // NKV
         S_pad = NC * L
         dh = dh.contiguous()
-        den, dqn, dm = torch.empty_like(m_t), torch.empty_like(m_t), torch.empty_like(m_t)
+        den, dqn, dm, dm_key = (torch.empty_like(m_t) for _ in range(4))
         D = torch.empty(BH, NC, device=q.device, dtype=torch.float32)
-        _bwd_prep[(NC, BH)](h, dh, b, ms, m_t, qn, den, dqn, dm, D, S, S_pad, NC, eps, DV=DV, L=L, BV=min(64, DV))
+        _bwd_prep[(NC, BH)](
+            h, dh, b, ig, ms, m_t, qn, den, dqn, dm, dm_key, D, S, S_pad, NC, eps, DV=DV, L=L, BV=min(32, DV)
+        )
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         BK, BVs = _state_blocks(BH, DK, DV)
@@ -450,7 +456,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         d_i = torch.empty(B, NH, S, device=q.device, dtype=i_pre.dtype)
         d_f = torch.empty(B, NH, S, device=q.device, dtype=f_pre.dtype)
         _bwd_chunk[(NC, BH)](
-            q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dq, dk, dv, d_i, d_f,
+            q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
             S, S_pad, NC, REP, NH, *f_pre.stride(),
             DK=DK, DV=DV, L=L, BV=min(64, DV), PREC=prec, num_warps=4 if DK <= 64 else 8,
             num_stages=2 if DK <= 64 and q.dtype != torch.float32 else 1,  # shared memory: 228 KB per SM
