@@ -5,9 +5,13 @@ Same run, real SmolLM2-135M-Instruct weights, both models bf16 under bf16 autoca
   position only, argmax) and prefill tokens/s = prompt / that time;
 * greedy decode with a cache: tokens/s = B × steps / time of the steps alone (prefill excluded);
 * GPU memory allocated after the prompt and after each checkpoint of generated tokens.
-Teacher: HF LlamaForCausalLM, SDPA, its default DynamicCache, eager. Student: kernel path
-(modeling/dispatch) for prefill, its HybridCache; decode both eager (Python per layer) and as one
-CUDA-graph replay per token (modeling/decode_graph). Ratios are teacher time / student time.
+Teacher: HF LlamaForCausalLM, SDPA, its default DynamicCache, eager; for the configurations in
+--teacher-compiled also its best path: a StaticCache and the forward under
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Student: kernel path (modeling/dispatch) for
+prefill, its HybridCache; decode eager (Python per layer) and as one CUDA-graph replay per token
+(modeling/decode_graph), with the fused decode kernel and, for comparison, with the pure-PyTorch step.
+Ratios are teacher time / student time. B=1 rows also give the fraction of the HBM bound
+(weights bytes / bandwidth, --hbm-tb-s).
 
     python3 benchmarks/gpu_student.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out student.json
 """
@@ -22,6 +26,8 @@ import time
 
 import torch
 import torch._dynamo
+
+from transformers import StaticCache
 
 from xmerge.modeling.convert import convert_teacher
 from xmerge.modeling.decode_graph import GraphedGreedyDecoder
@@ -48,17 +54,38 @@ def first_token(model, ids):
     return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
 
-def decode(model, batch: int, prompt: int, steps: int, checkpoints: tuple[int, ...], vocab: int, graphed=False) -> dict:
-    """Greedy decode after a random prompt: tokens/s of the steps and memory at each checkpoint."""
+def decode(model, batch: int, prompt: int, steps: int, checkpoints: tuple[int, ...], vocab: int,
+           mode: str = "eager", compiled=None) -> dict:
+    """Greedy decode after a random prompt: tokens/s of the steps and memory at each checkpoint.
+
+    mode: "eager" (the model's forward per token), "graph" / "graph_unfused" (the student's CUDA-graph
+    decoder with / without the fused kernel step) or "static" (the teacher's StaticCache and
+    ``compiled``, its compiled forward; the first steps, which compile, run before the clock).
+    """
     torch.cuda.empty_cache()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
-    tok, cache = first_token(model, ids)
+    if mode == "static":
+        cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        slot = torch.tensor([prompt], device="cuda")
+
+        def advance(n: int) -> None:
+            nonlocal tok, slot
+            for _ in range(n):
+                logits = compiled(input_ids=tok, position_ids=slot[None].expand(batch, 1), cache_position=slot,
+                                  past_key_values=cache, use_cache=True).logits
+                tok, slot = logits[:, -1].argmax(-1, keepdim=True), slot + 1
+
+        advance(3)  # compiles (once per shape) and records the CUDA graphs
+    else:
+        tok, cache = first_token(model, ids)
     del ids
-    if graphed:
-        decoder = GraphedGreedyDecoder(model, cache, tok)
+    if mode.startswith("graph"):
+        decoder = GraphedGreedyDecoder(model, cache, tok, fused=mode == "graph")
         decoder.generate(2)  # hand out the eager warmup tokens before the clock starts
         advance = decoder.generate
-    else:
+    elif mode == "eager":
 
         def advance(n: int) -> None:
             nonlocal tok, cache
@@ -89,7 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="teacher spec: alias, HF dir or .gguf file")
     parser.add_argument("--prefill", default="4096,16384,65536,131072", help="prompt lengths at B=1")
-    parser.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768", help="BxPROMPT list")
+    parser.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768,32x32768", help="BxPROMPT list")
+    parser.add_argument("--teacher-compiled", default="1x4096,8x32768",
+                        help="BxPROMPT decode configurations that also time the teacher's static-cache compiled path")
+    parser.add_argument("--hbm-tb-s", type=float, default=3.35, help="HBM bandwidth for the B=1 bound (H100 SXM: 3.35)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per configuration")
     parser.add_argument("--memory-steps", type=int, default=512, help="decode steps of the memory run (8x4096)")
     parser.add_argument("--budget-s", type=float, default=400, help="skip what would start after this many seconds")
@@ -105,7 +135,12 @@ def main() -> None:
     teacher = teacher.to(torch.bfloat16).cuda().eval()
     models = {"teacher": teacher, "student": student}
     vocab = teacher.config.vocab_size
+    teacher_compiled = torch.compile(teacher.forward, mode="reduce-overhead", fullgraph=True)
+    weights_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    hbm_bound = args.hbm_tb_s * 1e12 / weights_bytes  # tokens/s at B=1 if each step only read the weights once
     result = {
+        "student_weights_bytes": weights_bytes,
+        "hbm_bound_tokens_per_s_b1": hbm_bound,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "teacher_attn": teacher.config._attn_implementation,
@@ -177,15 +212,22 @@ def main() -> None:
             steps = args.memory_steps if is_memory_run else args.steps
             checkpoints = tuple(s for s in (128, 256, 512, 1024, 2048) if s <= steps) if is_memory_run else ()
             row = {"batch": batch, "prompt": prompt, "steps": steps}
-            runs = {"teacher": (teacher, False), "student": (student, False), "student_graph": (student, True)}
-            for name, (model, graphed) in runs.items():
+            runs = {"teacher": (teacher, "eager"), "student": (student, "eager"),
+                    "student_graph_unfused": (student, "graph_unfused"), "student_graph": (student, "graph")}
+            if config in args.teacher_compiled.split(","):
+                runs["teacher_static_compiled"] = (teacher, "static")
+            for name, (model, mode) in runs.items():
                 try:
-                    row[name] = decode(model, batch, prompt, steps, checkpoints, vocab, graphed)
+                    row[name] = decode(model, batch, prompt, steps, checkpoints, vocab, mode, teacher_compiled)
                 except Exception as error:  # noqa: BLE001 - record OOM or a failed capture, keep measuring
                     row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-                for key in ("student", "student_graph"):
-                    if name == key and "tokens_per_s" in row[key] and "tokens_per_s" in row["teacher"]:
-                        row[f"speedup_{key}"] = row[key]["tokens_per_s"] / row["teacher"]["tokens_per_s"]
+            for key in runs:
+                if key.startswith("student") and "tokens_per_s" in row[key]:
+                    for base in ("teacher", "teacher_static_compiled"):
+                        if "tokens_per_s" in row.get(base, {}):
+                            row[f"{key}_vs_{base}"] = row[key]["tokens_per_s"] / row[base]["tokens_per_s"]
+                    if batch == 1:
+                        row[key]["fraction_of_hbm_bound"] = row[key]["tokens_per_s"] / hbm_bound
             result["decode"].append(row)
             save()
             print("decode", json.dumps(row), flush=True)

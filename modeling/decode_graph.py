@@ -125,10 +125,11 @@ class GraphedGreedyDecoder:
 
     ``next_ids`` (B, 1) is the token chosen from the prefill's last logits. The first ``warmup``
     steps run eagerly (they are real steps: the cache advances), then one step is captured. The
-    step is the fused kernel one where ``fused_step_takes``, else the pure-PyTorch one.
+    step is the fused kernel one where ``fused_step_takes`` (and ``fused``), else the pure-PyTorch
+    one; ``fused=False`` lets a benchmark time the two in one process.
     """
 
-    def __init__(self, model, cache: HybridCache, next_ids: torch.Tensor, *, warmup: int = 2):
+    def __init__(self, model, cache: HybridCache, next_ids: torch.Tensor, *, warmup: int = 2, fused: bool = True):
         if not next_ids.is_cuda:
             raise XmergeError("GraphedGreedyDecoder needs the model and cache on CUDA; use model.generate on CPU")
         if model.config.mixer != "mlstm" and model.config.sinks and bool((cache.layers[0].sink_pos < 0).any()):
@@ -138,7 +139,7 @@ class GraphedGreedyDecoder:
         dtype = torch.get_autocast_dtype("cuda")
         with torch.inference_mode():
             self.packed = None
-            if fused_step_takes(model, next_ids):
+            if fused and fused_step_takes(model, next_ids):
                 self.packed = pack_projections(model, dtype if autocast else model.dtype)
             self.ids = next_ids.clone()  # (B, 1) static input: the token to feed
             self.slot = torch.tensor([cache.seen], device=next_ids.device)  # (1,) its absolute position

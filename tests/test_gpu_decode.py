@@ -214,7 +214,7 @@ def test_graphed_decoder_with_fused_step_equals_generate(mixer, monkeypatch):
 
 
 @gpu
-def test_switch_off_captures_the_reference_step(monkeypatch):
+def test_switch_off_or_fused_false_captures_the_reference_step(monkeypatch):
     from xmerge.modeling.decode_graph import GraphedGreedyDecoder
 
     model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=4).cuda()
@@ -222,6 +222,12 @@ def test_switch_off_captures_the_reference_step(monkeypatch):
     with torch.no_grad():
         cache, tok = prefilled(model)
         assert GraphedGreedyDecoder(model, cache, tok).packed is None
+    monkeypatch.setenv("XMERGE_KERNELS", "1")
+    with torch.no_grad():
+        cache, tok = prefilled(model)
+        assert GraphedGreedyDecoder(model, cache, tok, fused=False).packed is None
+        cache, tok = prefilled(model)
+        assert GraphedGreedyDecoder(model, cache, tok).packed is not None
 
 
 @gpu  # in the interpreter the kernel call itself dispatches torch ops
