@@ -6,16 +6,21 @@ sink buffers), so the step can be captured once
 and replayed: ``decode_step`` is the student's layer forward for one token with the position held
 in a device tensor and no host syncs; it reuses the student's own modules and branch functions.
 
-Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0): per layer one GEMM for
-the concatenated q/k/v/igate/fgate projections (packed once by ``pack_projections``) and one fused
-Triton kernel (kernels/decode_step.py: RoPE, feature maps, mLSTM step, window+sink attention, output
-gate, ring write). Elsewhere the pure-PyTorch step below, which the fast path is tested against.
+Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0), 8 launches per layer of a
+pre-norm teacher (Llama, Qwen2): residual add + RMSNorm (kernels/decode_rowwise.py), one GEMM for the
+concatenated q/k/v/igate/fgate projections, the fused attention kernel (kernels/decode_step.py: RoPE,
+feature maps, mLSTM step, window+sink attention, output gate, ring write), o_proj, residual add +
+RMSNorm, one GEMM for the concatenated gate/up projections, SiLU(gate)·up, down_proj. Olmo2 adds its
+two QK-norms and does hidden + RMSNorm(delta) in one launch each (10). The projections are packed once
+by ``pack_projections``. Elsewhere the pure-PyTorch step below, which the fast path is tested against.
 
 Precondition: the prefill saw every sink of every row (at least ``sinks`` real prompt tokens),
 so a decode step never writes a sink.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,20 @@ from xmerge.errors import XmergeError
 from xmerge.modeling.cache import HybridCache, LayerCache
 from xmerge.modeling.dispatch import cached_window_attention, kernels_enabled
 
-Packed = tuple[torch.Tensor, torch.Tensor]  # weight (N, d), bias (N,) of [q; k; v; ĩ; f̃]
+Packed = tuple[torch.Tensor, torch.Tensor | None]  # weight (N, d), bias (N,) or None
+SILU_ACTS = ("silu", "swish")  # hidden_act values whose act(gate)·up runs in the Triton kernel
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One layer's projections for the fused step, stacked and cast once to the compute dtype.
+
+    qkv: [q; k; v; ĩ; f̃], weight (N, d), bias (N,), N = (H + 2·Hkv)·D + 2H (a projection without bias
+    contributes zeros); gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias).
+    """
+
+    qkv: Packed
+    gate_up: Packed
 
 
 def fused_step_takes(model, x: torch.Tensor) -> bool:
@@ -33,47 +51,89 @@ def fused_step_takes(model, x: torch.Tensor) -> bool:
     return D >= 16 and D & (D - 1) == 0 and kernels_enabled(x)
 
 
-def pack_projections(model, dtype: torch.dtype) -> list[Packed]:
-    """Per layer, the q, k, v, igate and fgate weights stacked into one (N, d) matrix and bias (N,) in
-    ``dtype``, N = (H + 2·Hkv)·D + 2H; a projection without bias contributes zeros."""
+def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
+    """Per layer, the packed q/k/v/igate/fgate and gate/up projections in ``dtype``.
+
+    Memory: a second copy of those weights, (N + 2I)·d elements of ``dtype`` per layer (SmolLM2-135M
+    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside the model's 270 MB).
+    """
     packed = []
     for layer in model.model.layers:
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
         parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.igate, attn.fgate)
-        weight = torch.cat([p.weight.detach() for p in parts]).to(dtype)
-        bias = torch.cat([
+        qkv_bias = torch.cat([
             p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts
-        ]).to(dtype)
-        packed.append((weight, bias))
+        ])
+        mlp_bias = None
+        if mlp.gate_proj.bias is not None:
+            mlp_bias = torch.cat([mlp.gate_proj.bias.detach(), mlp.up_proj.bias.detach()]).to(dtype)
+        packed.append(PackedLayer(
+            qkv=(torch.cat([p.weight.detach() for p in parts]).to(dtype), qkv_bias.to(dtype)),
+            gate_up=(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]).to(dtype), mlp_bias),
+        ))
     return packed
 
 
-def fused_inputs(attn, x: torch.Tensor, packed: Packed):
-    """proj (B, N) raw [q; k; v; ĩ; f̃] of one token x (B, 1, d), and q (B, H·D), k (B, Hkv·D) before
-    RoPE (after QK-norm; otherwise views of proj)."""
-    proj = F.linear(x[:, 0], *packed)
-    qd, kd = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
-    q, k = proj[:, :qd], proj[:, qd : qd + kd]
-    if attn.config.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return proj, q, k
+def fused_mlp(mlp, x: torch.Tensor, gate_up: Packed, silu: bool) -> torch.Tensor:
+    """The MLP's output (B, d) for x (B, d): one GEMM for [gate; up], act(gate)·up in one Triton kernel
+    where ``silu`` (else the module's own activation in torch), then down_proj."""
+    projected = F.linear(x, *gate_up)  # (B, 2I)
+    if silu:
+        from xmerge.kernels.decode_rowwise import silu_mul
+
+        return mlp.down_proj(silu_mul(projected))
+    gate, up = projected.chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act(gate) * up)
 
 
-def _fused_attention(attn, x, cos, sin, slot, start, lc: LayerCache, packed: Packed) -> torch.Tensor:
-    """h (B, H, D) of one token through the fused kernel; updates lc's state and ring in place."""
+def _fused_attention(attn, x, cos, sin, slot, start, lc: LayerCache, qkv: Packed) -> torch.Tensor:
+    """h (B, H, D) of one token x (B, d) through the fused kernel; updates lc's state and ring in place."""
+    from xmerge.kernels.decode_rowwise import rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
     if not all(t.is_contiguous() for t in lc.mlstm):  # the kernel updates the state in place
         lc.mlstm = tuple(t.contiguous() for t in lc.mlstm)
-    proj, q, k = fused_inputs(attn, x, packed)
+    proj = F.linear(x, *qkv)  # (B, N) raw [q; k; v; ĩ; f̃]
+    qd, kd = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
+    q, k = proj[:, :qd], proj[:, qd : qd + kd]
     config = attn.config
+    if config.qk_norm:
+        q, k = rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
     return fused_decode_step(
-        proj, q, k, cos[:, 0].contiguous(), sin[:, 0].contiguous(), slot, start, lc.mlstm,
+        proj, q, k, cos, sin, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
         (attn.ogate.weight, attn.ogate.bias), (lc.ring_k, lc.ring_v, lc.ring_pos),
         (lc.sink_k, lc.sink_v, lc.sink_pos),
         mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
     )
+
+
+def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer]) -> torch.Tensor:
+    """The final norm's output (B, d) for embeddings hidden (B, d) through every layer on the fast path."""
+    from xmerge.kernels.decode_rowwise import add_normed, add_rms_norm, rms_norm
+
+    inner = model.model
+    layers = inner.layers
+    silu = model.config.hidden_act in SILU_ACTS
+    cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
+    post_norm = layers[0].post_norm
+    x = hidden if post_norm else rms_norm(hidden, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+    for i, (layer, lc, pack) in enumerate(zip(layers, cache.layers, packed)):
+        attn = layer.self_attn
+        h = _fused_attention(attn, x, cos, sin, slot, start, lc, pack.qkv)
+        attn_out = attn.o_proj(h.view(h.shape[0], -1))
+        norm = layer.post_attention_layernorm
+        if post_norm:  # Olmo2: hidden + RMSNorm(attn); hidden + RMSNorm(mlp(hidden))
+            hidden = add_normed(hidden, attn_out, norm.weight, norm.eps)
+            ff_norm = layer.post_feedforward_layernorm
+            mlp_out = fused_mlp(layer.mlp, hidden, pack.gate_up, silu)
+            hidden = x = add_normed(hidden, mlp_out, ff_norm.weight, ff_norm.eps)
+        else:  # the second add is normed by the next layer's input norm (the final norm after the last)
+            hidden, x = add_rms_norm(hidden, attn_out, norm.weight, norm.eps)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+            mlp_out = fused_mlp(layer.mlp, x, pack.gate_up, silu)
+            hidden, x = add_rms_norm(hidden, mlp_out, following.weight, following.eps)
+    return rms_norm(hidden, inner.norm.weight, inner.norm.eps) if post_norm else x
 
 
 def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torch.Tensor:
@@ -97,11 +157,11 @@ def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torc
 
 
 def decode_step(
-    model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache, packed: list[Packed] | None = None
+    model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache, packed: list[PackedLayer] | None = None
 ) -> torch.Tensor:
     """Logits (B, 1, V) for ids (B, 1) at absolute slot (1,); updates the cache in place, not ``seen``.
 
-    packed: ``pack_projections(model, ...)`` to run the fused kernel per layer (the caller checked
+    packed: ``pack_projections(model, ...)`` to run the fused kernels per layer (the caller checked
     ``fused_step_takes``); None runs the pure-PyTorch step.
     """
     inner = model.model
@@ -109,13 +169,11 @@ def decode_step(
     position_ids = (slot[None, :] - start[:, None]).clamp(min=0)  # (B, 1)
     hidden = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(hidden, position_ids)
-    for i, (layer, lc) in enumerate(zip(inner.layers, cache.layers)):
+    if packed is not None:
+        return model.lm_head(_fused_layers(model, hidden[:, 0], cos, sin, slot, start, cache, packed)[:, None])
+    for layer, lc in zip(inner.layers, cache.layers):
         attn = layer.self_attn
-        x = layer.attention_input(hidden)
-        if packed is not None:
-            h = _fused_attention(attn, x, cos, sin, slot, start, lc, packed[i])
-        else:
-            h = _reference_attention(attn, x, cos, sin, slot, start, lc).transpose(1, 2)
+        h = _reference_attention(attn, layer.attention_input(hidden), cos, sin, slot, start, lc).transpose(1, 2)
         hidden = layer.finish(hidden, attn.o_proj(h.reshape(ids.shape[0], 1, -1)))
     return model.lm_head(inner.norm(hidden))
 

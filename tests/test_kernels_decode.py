@@ -1,7 +1,8 @@
-"""CPU pieces of the fused decode step (modeling/decode_graph.py): the packed q/k/v/gate projection.
+"""CPU pieces of the fused decode step (modeling/decode_graph.py): the packed q/k/v/gate and gate/up
+projections, and the MLP's torch fallback for activations the Triton kernel does not take.
 
-The kernel itself needs triton (tests/test_gpu_decode.py, on the device or in the Triton interpreter);
-the pure-PyTorch decode step it is tested against is held to the eager forward in
+The kernels themselves need triton (tests/test_gpu_decode.py, on the device or in the Triton interpreter);
+the pure-PyTorch decode step they are tested against is held to the eager forward in
 tests/test_gpu_student.py::test_graph_safe_decode_step_equals_eager_step (runs on CPU).
 """
 
@@ -9,42 +10,77 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
 
-from common import tiny_student
-from xmerge.modeling.decode_graph import fused_inputs, fused_step_takes, pack_projections
+from common import tiny_student, tiny_teacher
+from xmerge.modeling.convert import convert_teacher
+from xmerge.modeling.decode_graph import fused_mlp, fused_step_takes, pack_projections
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "olmo2"])  # no biases / q,k,v biases / QK-norm
-def test_packed_projection_gives_the_layer_projections(family):
-    model = tiny_student(family)
-    x = torch.randn(3, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+def llama_student_with(**teacher_fields):
+    """A tiny Llama student whose teacher config has ``teacher_fields`` changed (biases perturbed)."""
+    config = tiny_teacher("llama").config
+    for name, value in teacher_fields.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return convert_teacher(teacher, window=8, sinks=3, chunk_size=4).eval()
+
+
+STUDENTS = {  # no biases / q,k,v biases / QK-norm / MLP biases
+    "llama": lambda: tiny_student("llama"),
+    "qwen2": lambda: tiny_student("qwen2"),
+    "olmo2": lambda: tiny_student("olmo2"),
+    "llama-mlp-bias": lambda: llama_student_with(mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_packed_projections_give_the_layer_projections(name):
+    model = STUDENTS[name]()
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     packed = pack_projections(model, torch.float32)
     assert len(packed) == model.config.num_hidden_layers
     with torch.no_grad():
         for layer, pack in zip(model.model.layers, packed):
-            attn = layer.self_attn
-            proj, q, k = fused_inputs(attn, x, pack)
+            attn, mlp = layer.self_attn, layer.mlp
             H, Hkv, D = attn.heads, attn.kv_heads, attn.head_dim
-            raw_q, raw_k, raw_v, i_pre, f_pre = proj.split([H * D, Hkv * D, Hkv * D, H, H], dim=1)
-            for got, module in ((raw_q, attn.q_proj), (raw_k, attn.k_proj), (raw_v, attn.v_proj),
-                                (i_pre, attn.igate), (f_pre, attn.fgate)):
-                assert torch.equal(got, module(x)[:, 0])
-            cos, sin = torch.ones(3, 1, D), torch.zeros(3, 1, D)  # only the pre-RoPE q/k are compared
-            _, (want_q, want_k), _, _ = attn.project(x, cos, sin)
-            assert torch.equal(q, want_q.transpose(1, 2).reshape(3, -1))
-            assert torch.equal(k, want_k.transpose(1, 2).reshape(3, -1))
+            proj = F.linear(x, *pack.qkv).split([H * D, Hkv * D, Hkv * D, H, H], dim=1)
+            for got, module in zip(proj, (attn.q_proj, attn.k_proj, attn.v_proj, attn.igate, attn.fgate)):
+                assert torch.equal(got, module(x))
+            gate, up = F.linear(x, *pack.gate_up).chunk(2, dim=1)
+            assert torch.equal(gate, mlp.gate_proj(x)) and torch.equal(up, mlp.up_proj(x))
+            assert (pack.gate_up[1] is None) == (name != "llama-mlp-bias")
 
 
 def test_pack_casts_once_to_the_compute_dtype():
-    model = tiny_student("qwen2")
-    attn = model.model.layers[1].self_attn
-    weight, bias = pack_projections(model, torch.bfloat16)[1]
-    assert weight.dtype == bias.dtype == torch.bfloat16
-    D = attn.head_dim
+    model = llama_student_with(mlp_bias=True)
+    layer = model.model.layers[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    pack = pack_projections(model, torch.bfloat16)[1]
+    assert all(t.dtype == torch.bfloat16 for t in (*pack.qkv, *pack.gate_up))
+    D, d, inter = attn.head_dim, model.config.hidden_size, model.config.intermediate_size
     N = (attn.heads + 2 * attn.kv_heads) * D + 2 * attn.heads
-    assert weight.shape == (N, model.config.hidden_size) and bias.shape == (N,)
-    assert torch.equal(weight[: attn.heads * D], attn.q_proj.weight.to(torch.bfloat16))
-    assert torch.equal(bias[-attn.heads :], attn.fgate.bias.to(torch.bfloat16))
+    assert pack.qkv[0].shape == (N, d) and pack.qkv[1].shape == (N,)
+    assert pack.gate_up[0].shape == (2 * inter, d) and pack.gate_up[1].shape == (2 * inter,)
+    assert torch.equal(pack.qkv[0][: attn.heads * D], attn.q_proj.weight.to(torch.bfloat16))
+    assert torch.equal(pack.qkv[1][-attn.heads :], attn.fgate.bias.to(torch.bfloat16))
+    assert torch.equal(pack.gate_up[0][inter:], mlp.up_proj.weight.to(torch.bfloat16))
+    assert torch.equal(pack.gate_up[1][:inter], mlp.gate_proj.bias.to(torch.bfloat16))
+
+
+def test_fused_mlp_without_silu_runs_the_modules_activation():
+    model = llama_student_with(hidden_act="gelu_pytorch_tanh", mlp_bias=True)
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    packed = pack_projections(model, torch.float32)
+    with torch.no_grad():
+        for layer, pack in zip(model.model.layers, packed):
+            assert torch.equal(fused_mlp(layer.mlp, x, pack.gate_up, silu=False), layer.mlp(x))
 
 
 def test_fused_step_stays_off_on_cpu():
