@@ -9,6 +9,7 @@ Arithmetic is fp32 in between.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_promote = functools.cache(torch.promote_types)  # a dispatcher call otherwise, on every launch
 
 
 @triton.jit
@@ -78,11 +80,11 @@ def _launch_norm(x, delta, weight, eps, *, norm_delta: bool):
     if delta is None:
         norm_in = x.dtype
     else:
-        norm_in = delta.dtype if norm_delta else torch.promote_types(x.dtype, delta.dtype)
-    norm_dtype = torch.promote_types(weight.dtype, norm_in)
+        norm_in = delta.dtype if norm_delta else _promote(x.dtype, delta.dtype)
+    norm_dtype = _promote(weight.dtype, norm_in)
     residual = normed = None
     if delta is not None:
-        residual = x.new_empty(B, N, dtype=torch.promote_types(x.dtype, norm_dtype) if norm_delta else norm_in)
+        residual = x.new_empty(B, N, dtype=_promote(x.dtype, norm_dtype) if norm_delta else norm_in)
     if not norm_delta:
         normed = x.new_empty(B, N, dtype=norm_dtype)
     unused = x  # a pointer the mode never reads or writes
