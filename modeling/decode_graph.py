@@ -55,7 +55,7 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
     """Per layer, the packed q/k/v/igate/fgate and gate/up projections in ``dtype``.
 
     Memory: a second copy of those weights, (N + 2I)·d elements of ``dtype`` per layer (SmolLM2-135M
-    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside the model's 270 MB).
+    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside its ~270 MB of weights).
     """
     packed = []
     for layer in model.model.layers:
