@@ -1,6 +1,7 @@
 """Benchmark the kernels against their anchors, on one GPU, in one run (bf16, median of do_bench).
 
-mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py) vs FLA ``chunk_simple_gla`` (fla-core)
+mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py; autotuned, and pinned to its first launch
+candidates) vs FLA ``chunk_simple_gla`` (fla-core)
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
+from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton, pinned_launches
 from xmerge.kernels.swa import swa_attention
 from xmerge.modeling.mlstm import mlstm_chunkwise
 
@@ -65,6 +66,10 @@ def bench_ours(B, H, S, D) -> dict:
     with torch.no_grad():
         row["ours_fw_c128"] = attempt(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))
     row["ours_fwbw_c128"] = attempt(fw_bw(lambda *a: mlstm_chunkwise_triton(*a, chunk_size=128)[0], xs), xs)
+    with pinned_launches(0, D, D):  # the first candidates, untimed: what autotuning gains over them
+        with torch.no_grad():
+            row["ours_fw_first_config"] = ms(lambda: mlstm_chunkwise_triton(*xs))
+        row["ours_fwbw_first_config"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
     return row
 
 

@@ -18,6 +18,7 @@ from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurre
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 pytest.importorskip("triton")
 
+from xmerge.kernels import mlstm_chunkwise as mk  # noqa: E402
 from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton  # noqa: E402
 from xmerge.kernels.swa import swa_attention  # noqa: E402
 
@@ -191,6 +192,47 @@ def test_mlstm_stabiliser_gradient_through_the_chunk_chain_and_initial_state():
     errs = {name: rel_err(x.grad, r.grad) for name, x, r in zip(names, xs + state, refs + state_ref)}
     errs["h"] = rel_err(h, h_ref)
     assert all(e < TOL[torch.float32] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("index", range(max(len(configs) for configs in mk.TUNED.values())))
+def test_mlstm_every_launch_config_matches_oracle(index):
+    """Candidate ``index`` of every autotuned kernel (shorter lists wrap around), pinned: outputs and all
+    gradients at fp32 against the fp64 oracle; 4 chunks with a ragged tail, grouped heads, initial state.
+    DK=64, DV=128 keep every candidate's blocks unclipped."""
+    B, NH, NKV, S, DK, DV, L = 1, 4, 2, 53, 64, 128, 16
+    q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, DK, DV, torch.float32, seed=16)
+    _, k, v, _, _ = mlstm_inputs(B, NKV, S, DK, DV, torch.float32, seed=17)
+    g = torch.Generator(device="cuda").manual_seed(18)
+    state = leaves([
+        torch.rand(B, NH, DK, DV, device="cuda", generator=g),
+        torch.rand(B, NH, DK, device="cuda", generator=g),
+        torch.randn(B, NH, device="cuda", generator=g) + 2.0,
+    ])
+    xs = leaves([q, k, v, i_pre, f_pre])
+    refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
+    assert all(len(mk._fit_blocks(c, {}, DK=DK, DV=DV)) == len(c) for c in mk.TUNED.values())
+    with mk.pinned_launches(index, DK, DV) as configs:
+        h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
+        rep = NH // NKV
+        h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(
+            refs[0], refs[1].repeat_interleave(rep, 1), refs[2].repeat_interleave(rep, 1), refs[3], refs[4],
+            state=tuple(state_ref), chunk_size=L,
+        )
+        dh = torch.randn_like(h_ref)
+        (h.double() * dh).sum().backward()
+        (h_ref * dh).sum().backward()
+    names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+    errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
+    errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs + state, refs + state_ref)}
+    assert all(e < TOL[torch.float32] for e in errs.values()), (configs, errs)
+
+
+def test_mlstm_tuning_key_ignores_length_and_batch_within_a_bucket():
+    """A new sequence length or batch (same DK, DV, L, dtype, grid bucket) reuses the tuned configs."""
+    mlstm_chunkwise_triton(*leaves(mlstm_inputs(1, 2, 100, 32, 32, torch.float32)))[0].sum().backward()
+    tuned = {kernel: len(kernel.cache) for kernel in mk.TUNED}
+    mlstm_chunkwise_triton(*leaves(mlstm_inputs(3, 2, 333, 32, 32, torch.float32)))[0].sum().backward()
+    assert {kernel: len(kernel.cache) for kernel in mk.TUNED} == tuned
 
 
 def test_mlstm_rejects_unsupported_head_dim():
