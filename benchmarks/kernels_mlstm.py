@@ -137,6 +137,7 @@ def main() -> None:
         for part in (bench_ours, bench_fla, bench_xl_chunk, bench_attention):
             row |= part(B, H, S, D)
             torch.cuda.empty_cache()
+            print(part.__name__, json.dumps(row), flush=True)  # progress: a cut-short run keeps its parts
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {

@@ -64,9 +64,11 @@ def _fit_blocks(configs, named_args, **kwargs):
     return list(fitted)
 
 
-# Launch candidates, timed by triton.autotune on the first call per key (DK, DV, L, dtypes; the state
-# passes also FEW_PROGRAMS, never S or B) and cached on disk. The first entries are the launches used
-# before tuning (so a pick is never slower than those); every entry is tested (tests/test_kernels.py).
+# Launch candidates, timed by triton.autotune on the first call per key and cached on disk. The key is
+# DK, DV, L, the dtypes and the power-of-two buckets of B·NH and of the chunk count (BH_LOG2, NC_LOG2):
+# with DK, DV, L alone, one pick served (8, 9, 8K, 64) and (1, 9, 64K, 64) on an H200 and ran fw+bw
+# 24 % slower than the first candidates at 8K, 29 % faster at 64K. The first entries are the launches
+# used before tuning; every entry is tested (tests/test_kernels.py).
 # The state passes are sequential over chunks: num_stages pipelines the next chunks' k/v (q/dh) loads,
 # small blocks add programs when B·NH alone leaves SMs idle. _fwd_out has no loop: no stage choice.
 STATE_CONFIGS = [
@@ -84,6 +86,7 @@ CHUNK_BWD_CONFIGS = [
     for bv, w, s in ((64, 4, 2), (64, 4, 1), (64, 8, 1), (64, 8, 2), (32, 4, 1), (32, 4, 2), (32, 8, 1))
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
+TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 
 
 @triton.jit
@@ -113,15 +116,15 @@ def _fwd_gates(
     tl.store(M + i_bh * NC + c, M_c)
 
 
-@triton.autotune(STATE_CONFIGS, key=["DK", "DV", "L", "FEW_PROGRAMS"], prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _fwd_states(
     k, v, b, wk, M, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
-    S, S_pad, NC, REP, FEW_PROGRAMS,
+    S, S_pad, NC, REP, BH_LOG2, NC_LOG2,
     HAS_INIT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH). FEW_PROGRAMS: tuning key only.
+    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH).
 
     m_{c+1} = max(b_last + m_c, M_c), and C <- g C + s (wk k)ᵀ v with g = exp(b_last + m_c - m_{c+1})
     and s = exp(M_c - m_{c+1}): the product does not wait for the stabiliser, and the only
@@ -171,11 +174,11 @@ def _fwd_states(
             tl.store(m_last + i_bh, m)
 
 
-@triton.autotune(OUT_CONFIGS, key=["DK", "DV", "L"], prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(OUT_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _fwd_out(
     q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out,
-    S, S_pad, NC, REP, eps,
+    S, S_pad, NC, REP, eps, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """h for one chunk and one block of DV; also m_t and qᵀn (for backward). Grid (DV/BV, NC, B*NH)."""
@@ -251,16 +254,15 @@ def _bwd_prep(
     tl.store(D + i_bh * NC + c, tl.sum(tl.where(carried, dmc, 0.0), 0))
 
 
-@triton.autotune(STATE_CONFIGS, key=["DK", "DV", "L", "FEW_PROGRAMS"], prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
     q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms,
-    S, S_pad, NC, FEW_PROGRAMS,
+    S, S_pad, NC, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH).
-    FEW_PROGRAMS: tuning key only.
 
     dms[c] = ∂L/∂m_c through the stabiliser alone: D_c plus dms[c+1] where m_{c+1} = b_last + m_c.
     """
@@ -305,12 +307,12 @@ def _bwd_states(
             tl.store(dms + i_bh * (NC + 1), dmc)
 
 
-@triton.autotune(CHUNK_BWD_CONFIGS, key=["DK", "DV", "L"], prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(CHUNK_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_chunk(
     q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
     dq, dk, dv, di, df,
-    S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft,
+    S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq, dk, dv (per query head) and the gate gradients dĩ, df̃ of one chunk.
@@ -414,9 +416,9 @@ def pinned_launches(index: int, DK: int, DV: int):
             kernel.configs = kept
 
 
-def _few_programs(batch_heads: int, dk: int, dv: int) -> int:
-    # the best split of the sequential state passes differs when B·NH alone cannot fill the GPU
-    return int(batch_heads * (dk // min(64, dk)) * (dv // min(64, dv)) < 256)
+def _size_buckets(batch_heads: int, chunks: int) -> tuple[int, int]:
+    # the tuning key's BH_LOG2, NC_LOG2: the kernels never read them
+    return batch_heads.bit_length(), chunks.bit_length()
 
 
 def _state_grid(dk: int, dv: int, batch_heads: int):
@@ -468,16 +470,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
         C_last = torch.empty(B, NH, DK, DV, device=dev, dtype=f32)
         n_last = torch.empty(B, NH, DK, device=dev, dtype=f32)
         m_last = torch.empty(B, NH, device=dev, dtype=f32)
-        few = _few_programs(BH, DK, DV)
+        buckets = _size_buckets(BH, NC)
         _fwd_states[_state_grid(DK, DV, BH)](
-            k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, C_last, n_last, m_last, S, S_pad, NC, REP, few,
+            k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, C_last, n_last, m_last, S, S_pad, NC, REP, *buckets,
             HAS_INIT=has_init, DK=DK, DV=DV, L=L, PREC=prec,
         )
         h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
         m_t = torch.empty(BH, S_pad, device=dev, dtype=f32)
         qn = torch.empty(BH, S_pad, device=dev, dtype=f32)
         _fwd_out[lambda meta: (DV // meta["BV"], NC, BH)](
-            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps, DK=DK, DV=DV, L=L, PREC=prec
+            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps, *buckets, DK=DK, DV=DV, L=L, PREC=prec
         )
         ctx.save_for_backward(q, k, v, i_pre, f_pre, ig, b, Cs, ns, ms, m_t, qn, h, C0, n0, m0)
         ctx.L, ctx.eps, ctx.prec, ctx.has_init = L, eps, prec, has_init
@@ -501,8 +503,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         )
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
+        buckets = _size_buckets(BH, NC)
         _bwd_states[_state_grid(DK, DV, BH)](
-            q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC, _few_programs(BH, DK, DV),
+            q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC, *buckets,
             DK=DK, DV=DV, L=L, PREC=prec,
         )
         dq = torch.empty_like(q)
@@ -512,7 +515,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         d_f = torch.empty(B, NH, S, device=q.device, dtype=f_pre.dtype)
         _bwd_chunk[(NC, BH)](
             q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
-            S, S_pad, NC, REP, NH, *f_pre.stride(),
+            S, S_pad, NC, REP, NH, *f_pre.stride(), *buckets,
             DK=DK, DV=DV, L=L, PREC=prec,
         )
         if REP > 1:  # query heads of one group share k and v

@@ -227,12 +227,21 @@ def test_mlstm_every_launch_config_matches_oracle(index):
     assert all(e < TOL[torch.float32] for e in errs.values()), (configs, errs)
 
 
-def test_mlstm_tuning_key_ignores_length_and_batch_within_a_bucket():
-    """A new sequence length or batch (same DK, DV, L, dtype, grid bucket) reuses the tuned configs."""
-    mlstm_chunkwise_triton(*leaves(mlstm_inputs(1, 2, 100, 32, 32, torch.float32)))[0].sum().backward()
-    tuned = {kernel: len(kernel.cache) for kernel in mk.TUNED}
-    mlstm_chunkwise_triton(*leaves(mlstm_inputs(3, 2, 333, 32, 32, torch.float32)))[0].sum().backward()
-    assert {kernel: len(kernel.cache) for kernel in mk.TUNED} == tuned
+def test_mlstm_tuning_key_buckets_batch_heads_and_chunk_count():
+    """Same DK, DV, L, dtypes and power-of-two buckets of B·NH and of the chunk count: the tuned launch
+    is reused; a length in the next bucket is tuned anew (from the disk cache if tuned before)."""
+
+    def run(B, NH, S):
+        mlstm_chunkwise_triton(*leaves(mlstm_inputs(B, NH, S, 32, 32, torch.float32)))[0].sum().backward()
+
+    for kernel in mk.TUNED:
+        kernel.cache.clear()
+    run(1, 2, 100)  # B·NH 2, 2 chunks of 64
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
+    run(1, 3, 150)  # B·NH 3, 3 chunks: the same buckets
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
+    run(1, 2, 300)  # 5 chunks: the next bucket
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [2] * 4
 
 
 def test_mlstm_rejects_unsupported_head_dim():
