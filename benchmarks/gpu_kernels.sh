@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 7 on one GPU, one step per device call (each fits the 10-minute limit of one call):
+#
+#   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (~8 min, 8 workers)
+#   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / SDPA (~7.5 min)
+#   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student   # vs the teacher (~5.5 min)
+#
+# The times are those of the H200 run of 2026-12-01 (benchmarks/RESULTS-gpu.md), most of them Triton
+# autotuning and compiling on first use. Needs torch+triton with CUDA, pytest-xdist for `tests`, the
+# teacher file for `student`, fla-core / mlstm_kernels importable for their anchor rows (missing anchors
+# are recorded as errors, not fatal). Results go to OUT_DIR as each part finishes.
+set -euo pipefail
+
+OUT_DIR=${OUT_DIR:-benchmarks/gpu-kernels-out}
+HBM_TB_S=${HBM_TB_S:-4.8}   # the B=1 decode bound: H200 4.8, H100 SXM 3.35
+mkdir -p "$OUT_DIR"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
+
+case ${1:-} in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=15 tests/test_kernels.py \
+      tests/test_gpu_decode.py tests/test_gpu_student.py tests/test_gpu_evals.py 2>&1 | tee "$OUT_DIR/gpu-tests.txt" ;;
+  kernels)
+    python3 benchmarks/kernels_mlstm.py --out "$OUT_DIR/kernels.json" 2>&1 | tee "$OUT_DIR/kernels.log" ;;
+  student)
+    python3 benchmarks/gpu_student.py --teacher "${TEACHER:?set TEACHER to the teacher spec}" --hbm-tb-s "$HBM_TB_S" \
+      --decode 8x32768,1x4096,8x4096,32x32768 --teacher-compiled 8x32768,1x4096 --memory-steps 256 \
+      --budget-s "${STUDENT_BUDGET_S:-300}" --out "$OUT_DIR/student.json" 2>&1 | tee "$OUT_DIR/student.log" ;;
+  *)
+    echo "usage: $0 tests|kernels|student" >&2; exit 2 ;;
+esac
