@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 7 on one GPU, one step per device call (each fits the 10-minute limit of one call):
 #
-#   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (~8 min, 8 workers)
+#   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers)
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / SDPA (~7.5 min)
 #   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student   # vs the teacher (~5.5 min)
 #
 # The times are those of the H200 run of 2026-12-01 (benchmarks/RESULTS-gpu.md), most of them Triton
-# autotuning and compiling on first use. Needs torch+triton with CUDA, pytest-xdist for `tests`, the
+# autotuning and compiling on first use. There the tests outran 8 minutes (81 passed, ~13 not reached)
+# while every test autotuned its own shapes; they now pin one launch per kernel (tests/conftest.py). Needs torch+triton with CUDA, pytest-xdist for `tests`, the
 # teacher file for `student`, fla-core / mlstm_kernels importable for their anchor rows (missing anchors
 # are recorded as errors, not fatal). Results go to OUT_DIR as each part finishes.
 set -euo pipefail

@@ -227,6 +227,7 @@ def test_mlstm_every_launch_config_matches_oracle(index):
     assert all(e < TOL[torch.float32] for e in errs.values()), (configs, errs)
 
 
+@pytest.mark.autotune
 def test_mlstm_tuning_key_buckets_batch_heads_and_chunk_count():
     """Same DK, DV, L, dtypes and power-of-two buckets of B·NH and of the chunk count: the tuned launch
     is reused; a length in the next bucket is tuned anew (from the disk cache if tuned before)."""
