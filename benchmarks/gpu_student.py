@@ -11,7 +11,8 @@ Teacher: HF LlamaForCausalLM, SDPA, its default DynamicCache, eager; for the con
 prefill, its HybridCache; decode eager (Python per layer) and as one CUDA-graph replay per token
 (modeling/decode_graph), with the fused decode kernel and, for comparison, with the pure-PyTorch step.
 Ratios are teacher time / student time. B=1 rows also give the fraction of the HBM bound
-(weights bytes / bandwidth, --hbm-tb-s).
+(weights bytes / bandwidth, --hbm-tb-s). Prefill also times the student with its compiled regions
+(XMERGE_COMPILE=1, "student_compiled"; the compile falls in the untimed first call).
 
     python3 benchmarks/gpu_student.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out student.json
 """
@@ -178,7 +179,8 @@ def main() -> None:
                 break
             ids = torch.randint(0, vocab, (1, length), device="cuda")
             row = {"prompt": length}
-            for name, model in models.items():
+            for name, model in {**models, "student_compiled": student}.items():
+                os.environ["XMERGE_COMPILE"] = "1" if name == "student_compiled" else "0"
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
@@ -187,8 +189,11 @@ def main() -> None:
                                  "peak_gib": torch.cuda.max_memory_allocated() / GIB}
                 except Exception as error:  # noqa: BLE001 - record OOM or a failed compile, keep measuring
                     row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            if "ttft_ms" in row["teacher"] and "ttft_ms" in row["student"]:
-                row["speedup"] = row["teacher"]["ttft_ms"] / row["student"]["ttft_ms"]
+            os.environ["XMERGE_COMPILE"] = "0"  # the decode rows measure the eager and graph paths
+            for name in ("student", "student_compiled"):
+                if "ttft_ms" in row["teacher"] and "ttft_ms" in row[name]:
+                    row["speedup" if name == "student" else "speedup_compiled"] = (
+                        row["teacher"]["ttft_ms"] / row[name]["ttft_ms"])
             result["prefill"].append(row)
             save()
             print("prefill", json.dumps(row), flush=True)

@@ -5,7 +5,8 @@ grad clip 1.0. Baseline: the teacher (HF LlamaForCausalLM, SDPA) fine-tuned on a
 with next-token CE. Student rows use the project's losses (`Stage1Aligner` + `freeze_for_stage1`,
 `stage2_loss` on random top-k targets of the right shape) on the kernel path; then Stage II on the
 kernel path and on the PyTorch reference path (XMERGE_KERNELS=0) at a smaller batch (the reference
-does not fit at 16 × 2048 beside the first rows' memory) to show what the kernels buy.
+does not fit at 16 × 2048 beside the first rows' memory) to show what the kernels buy. Stage I and II
+also run with the compiled regions (XMERGE_COMPILE=1; their compile falls in the warm-up steps).
 
     python3 benchmarks/gpu_training.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out train.json
 """
@@ -77,8 +78,8 @@ def main() -> None:
     tokens = B * T
     rows = []
 
-    def measure(name, model, params, loss_fn, kernels="1", steps=args.steps, tokens=tokens):
-        os.environ["XMERGE_KERNELS"] = kernels
+    def measure(name, model, params, loss_fn, kernels="1", steps=args.steps, tokens=tokens, compiled="0"):
+        os.environ["XMERGE_KERNELS"], os.environ["XMERGE_COMPILE"] = kernels, compiled
         torch.cuda.empty_cache()
         rate, peak = tokens_per_second(train_step(model, params, loss_fn), tokens, args.warmup, steps)
         rows.append({"run": name, "batch": tokens // T, "tokens_per_s": rate, "peak_gib": peak})
@@ -90,9 +91,11 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     aligner = Stage1Aligner(student)
-    measure("student Stage I (kernels)", student, freeze_for_stage1(student), lambda: aligner(ids))
     stage2 = lambda: stage2_loss(student, ids, indices, logprobs, gamma=0.9, beta=0.1)[0]  # noqa: E731
-    measure("student Stage II (kernels)", student, unfreeze_all(student), stage2)
+    for compiled, label in (("0", "kernels"), ("1", "kernels, XMERGE_COMPILE=1")):
+        measure(f"student Stage I ({label})", student, freeze_for_stage1(student), lambda: aligner(ids),
+                compiled=compiled)
+        measure(f"student Stage II ({label})", student, unfreeze_all(student), stage2, compiled=compiled)
     rb = args.reference_batch
     small = lambda: stage2_loss(student, ids[:rb], indices[:rb], logprobs[:rb], gamma=0.9, beta=0.1)[0]  # noqa: E731
     for kernels, label in (("1", "kernels"), ("0", "reference, XMERGE_KERNELS=0")):

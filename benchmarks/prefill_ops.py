@@ -1,11 +1,14 @@
-"""Host-side operator count of one prefill, per decoder layer: student (kernel path) vs teacher (HF).
+"""Host cost of one prefill: operators per decoder layer and host time, student (kernel path) vs teacher (HF).
 
 On a GPU every eager PyTorch operator costs host time (dispatch, and a launch for the ones that compute),
 so a prefill whose GPU work is small is bound by this count. The count is the same on any device, so
 this runs on CPU: the student is routed to its CUDA path (``modeling/dispatch``) with the two kernels
 replaced by stand-ins of one operator each (a Triton launch or a compiled FlexAttention call is not an
 aten operator: each adds its own launch cost on top of the count). Views are counted apart: they
-dispatch but launch nothing.
+dispatch but launch nothing. Host time: a 30-layer model of tiny width, so that the arithmetic is
+negligible, per prefill of 64 tokens on one CPU thread: teacher, student eager, and the student with
+its compiled regions (XMERGE_COMPILE=1). On CPU no launch is saved: this times dispatch against the
+compiled code's own per-call overhead.
 
     python -m xmerge.benchmarks.prefill_ops [--tokens 256]
 """
@@ -14,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
+import statistics
 import sys
+import time
 import types
 
 import torch
@@ -72,6 +78,18 @@ def ops_per_layer(build, tokens: int, final_state_ops: int = 0) -> tuple[float, 
     return sum(diff.values()) - views - final_state_ops, views
 
 
+def host_ms(model, ids, repeats: int = 20) -> float:
+    """Median wall ms of a cached prefill, after warm-up calls (which also compile)."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            if i >= 3:
+                times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256, help="prompt length (the count does not depend on it)")
@@ -96,6 +114,20 @@ def main() -> None:
     print(f"| teacher (HF Llama, SDPA) | {teacher_ops:.0f} | {teacher_views:.0f} | SDPA inside the count |")
     print(f"| student (kernel path) | {student_ops:.0f} | {student_views:.0f} | 3 Triton (mLSTM) + 1 FlexAttention |")
     print(f"| ratio student / teacher | {student_ops / teacher_ops:.2f}× | {student_views / max(teacher_views, 1):.2f}× | |")
+
+    torch.set_num_threads(1)
+    deep_teacher = teacher(30)
+    deep_student = convert_teacher(deep_teacher, window=64, chunk_size=64).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    times = {"teacher (HF Llama, SDPA)": host_ms(deep_teacher, ids)}
+    for compiled in ("0", "1"):
+        os.environ["XMERGE_COMPILE"] = compiled
+        times[f"student, XMERGE_COMPILE={compiled}"] = host_ms(deep_student, ids)
+    base = times["teacher (HF Llama, SDPA)"]
+    print("\n| 30 layers, 64 tokens, CPU | host ms per prefill | vs teacher |")
+    print("|---|---|---|")
+    for name, ms in times.items():
+        print(f"| {name} | {ms:.1f} | {ms / base:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -151,8 +151,7 @@ def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torc
             buffer.copy_(new)
         lc.mlstm = state
     if config.mixer == "hybrid":
-        o = torch.sigmoid(attn.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2).unsqueeze(-1)
-        return o * mlstm + (1 - o) * swa
+        return attn.hybrid_mix(q_raw, k_raw, v_raw, mlstm, swa)
     return swa if config.mixer == "swa" else mlstm
 
 

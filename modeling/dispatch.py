@@ -13,6 +13,12 @@ otherwise in their inputs' dtype. CPU always runs the reference, unchanged.
 
 Switch: ``XMERGE_KERNELS=0`` forces the reference everywhere (read at every call, so a test or a
 benchmark can compare both paths in one process).
+
+Compiled regions: with ``XMERGE_COMPILE=1`` (read at every call; off by default until measured on a
+GPU) the student's kernel-free stretches (projections and RoPE, feature maps and gates, the hybrid mix,
+residuals and MLP) run under ``torch.compile``: a few fused launches each instead of ~150 eager operators
+per layer, whose dispatch bounds a short prefill (benchmarks/prefill_ops.py). Never inside a CUDA-graph
+capture, which the graph decoder does (a compile there would fail).
 """
 
 from __future__ import annotations
@@ -39,6 +45,27 @@ def _triton_available() -> bool:
 def kernels_enabled(x: torch.Tensor) -> bool:
     """Whether the kernels may run on ``x``'s device: CUDA, triton importable, not switched off."""
     return x.is_cuda and os.environ.get("XMERGE_KERNELS", "1") != "0" and _triton_available()
+
+
+def compiled_region(method):
+    """``method`` under ``torch.compile(dynamic=True)`` while ``XMERGE_COMPILE=1``, eager otherwise.
+
+    For methods whose bodies hold no kernel call, cache write or host read. One compiled function serves
+    every layer (modules are inputs to it, not constants) and every batch and length.
+    """
+    compiled = None
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        nonlocal compiled
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if os.environ.get("XMERGE_COMPILE", "0") != "1" or capturing:
+            return method(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(method, dynamic=True)
+        return compiled(*args, **kwargs)
+
+    return run
 
 
 def _pow2_at_least_16(n: int) -> bool:

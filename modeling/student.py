@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from xmerge.modeling.cache import HybridCache, LayerCache
 from xmerge.modeling.config import XLSTMStudentConfig
-from xmerge.modeling.dispatch import mlstm_dtype, mlstm_forward, swa_forward
+from xmerge.modeling.dispatch import compiled_region, mlstm_dtype, mlstm_forward, swa_forward
 from xmerge.modeling.mlstm import mlstm_recurrent_step
 from xmerge.modeling.swa import gather_sinks
 
@@ -129,6 +129,7 @@ class HybridAttention(nn.Module):
         self.fgate = nn.Linear(d, H)
         self.ogate = nn.Linear((H + 2 * Hkv) * D, H)
 
+    @compiled_region
     def project(self, x, cos, sin):
         """Teacher's q/k/v: raw projections (for the output gate), pre-RoPE and rotated heads."""
         B, T, _ = x.shape
@@ -160,11 +161,7 @@ class HybridAttention(nn.Module):
         step = state is not None and q.shape[2] == 1
         # the decode step and the reference compute in fp32; the chunkwise kernel takes the model's dtype
         dtype = torch.float32 if step else mlstm_dtype(q, self.head_dim, self.config.chunk_size)
-        phi_q = self.fmap_q(q.to(dtype)).to(dtype)
-        phi_k = self.fmap_k(k.to(dtype)).to(dtype)  # (B, Hkv, T, D): the chunkwise path reads kv heads in place
-        v = v.to(dtype)
-        i_pre = self.igate(x).transpose(1, 2)  # (B, H, T) in the model's dtype: mlstm_forward takes any
-        f_pre = self.fgate(x).transpose(1, 2)
+        phi_q, phi_k, v, i_pre, f_pre = self.mlstm_inputs(x, q, k, v, dtype)
         if padded:
             padding = positions[None, :] < start[:, None]  # (B, T)
             i_pre = i_pre.masked_fill(padding[:, None, :], float("-inf"))
@@ -184,6 +181,20 @@ class HybridAttention(nn.Module):
             layer.mlstm = state
         return h
 
+    @compiled_region
+    def mlstm_inputs(self, x, q, k, v, dtype: torch.dtype):
+        """φ(q) (B, H, T, D), φ(k) and v (B, Hkv, T, D) in ``dtype`` (the chunkwise path reads kv heads in
+        place); gate pre-activations ĩ, f̃ (B, H, T) in the model's dtype (mlstm_forward takes any)."""
+        phi_q = self.fmap_q(q.to(dtype)).to(dtype)
+        phi_k = self.fmap_k(k.to(dtype)).to(dtype)
+        return phi_q, phi_k, v.to(dtype), self.igate(x).transpose(1, 2), self.fgate(x).transpose(1, 2)
+
+    @compiled_region
+    def hybrid_mix(self, q_raw, k_raw, v_raw, mlstm, swa):
+        """o · mLSTM + (1 − o) · SWA (B, H, T, D), o = σ(W_o [q; k; v] + b_o) per head from the raw projections."""
+        o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2).unsqueeze(-1)
+        return o * mlstm + (1 - o) * swa
+
     def forward(self, x, cos, sin, positions, start, layer: LayerCache | None = None,
                 span: TokenSpan | None = None):
         """x: (B, T, d) block input after the input norm; positions: (T,) absolute slots; start: (B,).
@@ -200,8 +211,7 @@ class HybridAttention(nn.Module):
             fq, fk = (q_rot, k_rot) if self.config.fmap_after_rope else (q, k)
             mlstm = self._mlstm(x, fq, fk, v, positions, start, layer, span.padded).to(x.dtype)
         if mixer == "hybrid":
-            o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2)
-            h = o.unsqueeze(-1) * mlstm + (1 - o.unsqueeze(-1)) * swa
+            h = self.hybrid_mix(q_raw, k_raw, v_raw, mlstm, swa)
         else:
             h = swa if mixer == "swa" else mlstm
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1))
@@ -236,6 +246,7 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(self.attention_input(hidden), cos, sin, positions, start, layer, span)
         return self.finish(hidden, attn)
 
+    @compiled_region
     def finish(self, hidden, attn):
         """Residuals, norms and MLP after the attention output (teacher's placement)."""
         if self.post_norm:
