@@ -66,9 +66,9 @@ def _fit_blocks(configs, named_args, **kwargs):
 
 # Launch candidates, timed by triton.autotune on the first call per key and cached on disk. The key is
 # DK, DV, L, the dtypes and the power-of-two buckets of B·NH and of the chunk count (BH_LOG2, NC_LOG2):
-# with DK, DV, L alone, one pick served (8, 9, 8K, 64) and (1, 9, 64K, 64) on an H200 and ran fw+bw
-# 24 % slower than the first candidates at 8K, 29 % faster at 64K. The first entries are the launches
-# used before tuning; every entry is tested (tests/test_kernels.py).
+# with DK, DV, L (and a few-programs flag, equal for both), one pick served (8, 9, 8K, 64) and
+# (1, 9, 64K, 64) on an H200 and ran fw+bw 24 % slower than the first candidates at 8K, 29 % faster at
+# 64K. The first entries are the launches used before tuning; every entry is tested (tests/test_kernels.py).
 # The state passes are sequential over chunks: num_stages pipelines the next chunks' k/v (q/dh) loads,
 # small blocks add programs when B·NH alone leaves SMs idle. _fwd_out has no loop: no stage choice.
 STATE_CONFIGS = [
