@@ -39,17 +39,20 @@ class HybridCache:
         self.seen = 0
         self.start = start  # (B,)
         self.last_start = last_start
+        L = config.num_hidden_layers
+
+        def per_layer(shape, fill, dtype):  # one allocation for every layer: a prefill is dispatch-bound
+            return torch.full((L, *shape), fill, device=device, dtype=dtype).unbind(0)
+
+        C, n, m = (t.unflatten(0, (L, batch_size)).unbind(0)
+                   for t in empty_state(L * batch_size, H, D, D, device=device))
+        ring_k, ring_v = (per_layer((batch_size, Hkv, W, D), 0, dtype) for _ in range(2))
+        sink_k, sink_v = (per_layer((batch_size, Hkv, S, D), 0, dtype) for _ in range(2))
+        ring_pos, sink_pos = per_layer((W,), -1, torch.long), per_layer((batch_size, S), -1, torch.long)
         self.layers = [
-            LayerCache(
-                mlstm=empty_state(batch_size, H, D, D, device=device, dtype=torch.float32),
-                ring_k=torch.zeros(batch_size, Hkv, W, D, device=device, dtype=dtype),
-                ring_v=torch.zeros(batch_size, Hkv, W, D, device=device, dtype=dtype),
-                ring_pos=torch.full((W,), -1, device=device, dtype=torch.long),
-                sink_k=torch.zeros(batch_size, Hkv, S, D, device=device, dtype=dtype),
-                sink_v=torch.zeros(batch_size, Hkv, S, D, device=device, dtype=dtype),
-                sink_pos=torch.full((batch_size, S), -1, device=device, dtype=torch.long),
-            )
-            for _ in range(config.num_hidden_layers)
+            LayerCache(mlstm=(C[i], n[i], m[i]), ring_k=ring_k[i], ring_v=ring_v[i], ring_pos=ring_pos[i],
+                       sink_k=sink_k[i], sink_v=sink_v[i], sink_pos=sink_pos[i])
+            for i in range(L)
         ]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -80,6 +83,16 @@ class HybridCache:
         layer.ring_k.index_copy_(2, slots, k.to(layer.ring_k.dtype))
         layer.ring_v.index_copy_(2, slots, v.to(layer.ring_v.dtype))
         layer.ring_pos.index_copy_(0, slots, positions)
+
+    @staticmethod
+    def write_first_sinks(layer: LayerCache, k, v) -> None:
+        """A fresh sequence (slot 0 in every row, no left padding, empty sinks): its first new rotated
+        keys/values (k, v: (B, Hkv, T, D)) are the sinks. What ``write_sinks(gather_sinks(...))`` gives
+        there, in a handful of operators instead of ~20 (a prefill is dispatch-bound)."""
+        n = min(layer.sink_pos.shape[1], k.shape[2])
+        layer.sink_k[:, :, :n] = k[:, :, :n]
+        layer.sink_v[:, :, :n] = v[:, :, :n]
+        layer.sink_pos[:, :n] = torch.arange(n, device=k.device)
 
     @staticmethod
     def write_sinks(layer: LayerCache, sink_k, sink_v, sink_pos) -> None:

@@ -145,7 +145,9 @@ class HybridAttention(nn.Module):
              span: TokenSpan | None = None):
         span = span or TokenSpan.read(positions, start)
         sinks = self.config.sinks
-        if layer is not None and span.holds_sinks(sinks):
+        if layer is not None and span.fresh:
+            HybridCache.write_first_sinks(layer, k_rot, v)
+        elif layer is not None and span.holds_sinks(sinks):
             HybridCache.write_sinks(layer, *gather_sinks(k_rot, v, start, sinks, span.offset))
         out = swa_forward(
             q_rot, k_rot, v, positions, start, window=window, sinks=sinks, fresh=span.fresh, layer=layer

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common import tiny_student, tiny_teacher, tiny_tokenizer
+from xmerge.modeling.cache import HybridCache
 from xmerge.modeling.convert import convert_teacher, save_student
 from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
 from xmerge.modeling.swa import blocked_window_sink_attention, gather_sinks, swa_reference
@@ -217,3 +218,31 @@ def test_long_prefill_equals_chunked_prefill_through_the_cache():
             cache = out.past_key_values
             parts.append(out.logits)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", [2, 9])  # shorter and longer than the 4 sinks
+def test_fresh_prefill_writes_the_sinks_of_the_general_path(prompt, monkeypatch):
+    """A fresh prefill fills the sink buffers by slicing (HybridCache.write_first_sinks); oracle: the
+    general gather + masked write that prefill chunks and padded rows use. Then decode from both."""
+    student = tiny_student("llama", window=6, sinks=4)
+    ids = torch.randint(0, 259, (2, prompt), generator=torch.Generator().manual_seed(prompt))
+
+    def prefill_and_decode():
+        with torch.no_grad():
+            out = student(ids, use_cache=True)
+            cache, logits = out.past_key_values, [out.logits]
+            sinks = [(lc.sink_k.clone(), lc.sink_v.clone(), lc.sink_pos.clone()) for lc in cache.layers]
+            for _ in range(3):
+                out = student(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+                logits.append(out.logits)
+        return sinks, logits
+
+    sinks, logits = prefill_and_decode()
+    monkeypatch.setattr(HybridCache, "write_first_sinks", lambda layer, k, v: HybridCache.write_sinks(
+        layer, *gather_sinks(k, v, torch.zeros(k.shape[0], dtype=torch.long), layer.sink_pos.shape[1], 0)))
+    ref_sinks, ref_logits = prefill_and_decode()
+    for got, ref in zip(sinks, ref_sinks):
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))
+    assert sinks[0][2].tolist() == [list(range(min(prompt, 4))) + [-1] * (4 - min(prompt, 4))] * 2
+    for got, ref in zip(logits, ref_logits):
+        assert torch.equal(got, ref)
