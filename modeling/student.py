@@ -195,7 +195,7 @@ class HybridAttention(nn.Module):
     def hybrid_mix(self, q_raw, k_raw, v_raw, mlstm, swa):
         """o · mLSTM + (1 − o) · SWA (B, H, T, D), o = σ(W_o [q; k; v] + b_o) per head from the raw projections."""
         o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2).unsqueeze(-1)
-        return o * mlstm + (1 - o) * swa
+        return torch.lerp(swa, mlstm, o)  # one operator for swa + o·(mlstm − swa)
 
     def forward(self, x, cos, sin, positions, start, layer: LayerCache | None = None,
                 span: TokenSpan | None = None):
