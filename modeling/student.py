@@ -193,7 +193,8 @@ class HybridAttention(nn.Module):
 
     @compiled_region
     def hybrid_mix(self, q_raw, k_raw, v_raw, mlstm, swa):
-        """o · mLSTM + (1 − o) · SWA (B, H, T, D), o = σ(W_o [q; k; v] + b_o) per head from the raw projections."""
+        """o · mLSTM + (1 − o) · SWA (B, H, T, D), with o = σ(W_o [q; k; v] + b_o) per head from the raw
+        projections."""
         o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2).unsqueeze(-1)
         return torch.lerp(swa, mlstm, o)  # one operator for swa + o·(mlstm − swa)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +22,6 @@ def one_mlstm_launch_per_kernel(request):
     blocks, valid at every head dim), untimed: autotuning compiles and times every candidate for each new
     shape, and nearly every test has new shapes (with tuning, the GPU tests outran an 8-minute call on an
     H200). test_kernels.py checks every candidate on its own; tests marked ``autotune`` tune."""
-    import importlib.util
-
-    import torch
-
     if (not torch.cuda.is_available() or importlib.util.find_spec("triton") is None
             or request.node.get_closest_marker("autotune")):
         yield
