@@ -17,7 +17,7 @@ benchmark can compare both paths in one process).
 Compiled regions: with ``XMERGE_COMPILE=1`` (read at every call; off by default until measured on a
 GPU) the student's kernel-free stretches (projections and RoPE, feature maps and gates, the hybrid mix,
 residuals and MLP) run under ``torch.compile``: a few fused launches each instead of ~150 eager operators
-per layer, whose dispatch bounds a short prefill (benchmarks/prefill_ops.py). Never inside a CUDA-graph
+per layer, whose dispatch bounds a short prefill (benchmarks/host_ops.py). Never inside a CUDA-graph
 capture, which the graph decoder does (a compile there would fail).
 """
 
