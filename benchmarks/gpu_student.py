@@ -12,7 +12,8 @@ prefill, its HybridCache; decode eager (Python per layer) and as one CUDA-graph 
 (modeling/decode_graph), with the fused decode kernel and, for comparison, with the pure-PyTorch step.
 Ratios are teacher time / student time. B=1 rows also give the fraction of the HBM bound
 (weights bytes / bandwidth, --hbm-tb-s). Prefill also times the student with its compiled regions
-(XMERGE_COMPILE=1, "student_compiled"; the compile falls in the untimed first call).
+(XMERGE_COMPILE=1, "student_compiled"; the compile falls in the untimed first call) and with mLSTM
+chunks of 128 ("student_chunk128": the kernel's forward at c128 beat c64 in the kernel benchmark).
 
     python3 benchmarks/gpu_student.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out student.json
 """
@@ -35,6 +36,13 @@ from xmerge.modeling.decode_graph import GraphedGreedyDecoder
 from xmerge.modeling.teacher import load_teacher
 
 GIB = 2**30
+# prefill rows: name -> (model, XMERGE_COMPILE, mLSTM chunk size; None keeps the converted student's)
+PREFILL_VARIANTS = {
+    "teacher": ("teacher", "0", None),
+    "student": ("student", "0", None),
+    "student_compiled": ("student", "1", None),
+    "student_chunk128": ("student", "0", 128),
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -135,6 +143,7 @@ def main() -> None:
     student = convert_teacher(teacher).to(torch.bfloat16).cuda().eval()
     teacher = teacher.to(torch.bfloat16).cuda().eval()
     models = {"teacher": teacher, "student": student}
+    chunk_size = student.config.chunk_size
     vocab = teacher.config.vocab_size
     teacher_compiled = torch.compile(teacher.forward, mode="reduce-overhead", fullgraph=True)
     weights_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
@@ -179,21 +188,20 @@ def main() -> None:
                 break
             ids = torch.randint(0, vocab, (1, length), device="cuda")
             row = {"prompt": length}
-            for name, model in {**models, "student_compiled": student}.items():
-                os.environ["XMERGE_COMPILE"] = "1" if name == "student_compiled" else "0"
+            for name, (model, compiled, chunk) in PREFILL_VARIANTS.items():
+                os.environ["XMERGE_COMPILE"] = compiled
+                student.config.chunk_size = chunk or chunk_size  # the layers read it at every call
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    seconds = timed(lambda: first_token(model, ids), repeats=3)
+                    seconds = timed(lambda: first_token(models[model], ids), repeats=3)
                     row[name] = {"ttft_ms": 1e3 * seconds, "tokens_per_s": length / seconds,
                                  "peak_gib": torch.cuda.max_memory_allocated() / GIB}
                 except Exception as error:  # noqa: BLE001 - record OOM or a failed compile, keep measuring
                     row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            os.environ["XMERGE_COMPILE"] = "0"  # the decode rows measure the eager and graph paths
-            for name in ("student", "student_compiled"):
-                if "ttft_ms" in row["teacher"] and "ttft_ms" in row[name]:
-                    row["speedup" if name == "student" else "speedup_compiled"] = (
-                        row["teacher"]["ttft_ms"] / row[name]["ttft_ms"])
+                if name != "teacher" and "ttft_ms" in row["teacher"] and "ttft_ms" in row[name]:
+                    row[f"speedup_{name}"] = row["teacher"]["ttft_ms"] / row[name]["ttft_ms"]
+            os.environ["XMERGE_COMPILE"], student.config.chunk_size = "0", chunk_size  # as the decode rows run
             result["prefill"].append(row)
             save()
             print("prefill", json.dumps(row), flush=True)
