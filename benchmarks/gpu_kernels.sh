@@ -3,7 +3,8 @@
 #
 #   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers)
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / SDPA (~7.5 min)
-#   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student   # vs the teacher (~5.5 min, more with the new prefill variants)
+#   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student
+#                                        # vs the teacher (5.5 min before the two newer prefill variants)
 #
 # The times are those of the H200 run of 2026-12-01 (benchmarks/RESULTS-gpu.md), most of them Triton
 # autotuning and compiling on first use. There the tests outran 8 minutes (81 passed, ~13 not reached)
