@@ -8,9 +8,10 @@
 #
 # The times are those of the H200 run of 2026-12-01 (benchmarks/RESULTS-gpu.md), most of them Triton
 # autotuning and compiling on first use. There the tests outran 8 minutes (81 passed, ~13 not reached)
-# while every test autotuned its own shapes; they now pin one launch per kernel (tests/conftest.py). Needs torch+triton with CUDA, pytest-xdist for `tests`, the
-# teacher file for `student`, fla-core / mlstm_kernels importable for their anchor rows (missing anchors
-# are recorded as errors, not fatal). Results go to OUT_DIR as each part finishes.
+# while every test autotuned its own shapes; they now pin one launch per kernel (tests/conftest.py).
+# Needs torch+triton with CUDA, pytest-xdist for `tests`, the teacher file for `student`, fla-core /
+# mlstm_kernels importable for their anchor rows (missing anchors are recorded as errors, not fatal).
+# Results go to OUT_DIR as each part finishes.
 set -euo pipefail
 
 OUT_DIR=${OUT_DIR:-benchmarks/gpu-kernels-out}
