@@ -1,7 +1,8 @@
 """Benchmark the kernels against their anchors, on one GPU, in one run (bf16, median of do_bench).
 
 mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py; autotuned, and pinned to its first launch
-candidates) vs FLA ``chunk_simple_gla`` (fla-core)
+candidates; its forward without autograd takes the two-level state pass, with autograd the single-level
+one) vs FLA ``chunk_simple_gla`` (fla-core)
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
 
@@ -62,6 +63,7 @@ def bench_ours(B, H, S, D) -> dict:
         h, _ = mlstm_chunkwise_triton(*xs)
         h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
         row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
+    row["ours_fw_one_level"] = ms(lambda: mlstm_chunkwise_triton(*xs))  # with autograd: the single-level pass
     row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
     with torch.no_grad():
         row["ours_fw_c128"] = attempt(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))

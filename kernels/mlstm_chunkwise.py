@@ -9,7 +9,8 @@ Same semantics as the pure-PyTorch oracle (per head, scalar gates, feature-mappe
 Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forward: the gates
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
-chunk for its outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass
+chunk for its outputs. A forward that no backward follows (prefill) makes the sequential pass over
+chunks of SUPER_CHUNK tokens and fills in the states between in parallel (five launches). Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass
 for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
@@ -87,6 +88,9 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
+# A forward without backward walks the sequence in chunks of this many tokens, then fills in the states
+# of the finer chunks in parallel (a sequential pass of 1,024 dependent steps bounded the 64K forward).
+SUPER_CHUNK = 256
 
 
 @triton.jit
@@ -120,30 +124,36 @@ def _fwd_gates(
 @triton.jit
 def _fwd_states(
     k, v, b, wk, M, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
-    S, S_pad, NC, REP, BH_LOG2, NC_LOG2,
-    HAS_INIT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+    S, S_pad, NC, REP, NSEG, SEG, INIT_STRIDE, BH_LOG2, NC_LOG2,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH).
+    """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH*NSEG).
 
     m_{c+1} = max(b_last + m_c, M_c), and C <- g C + s (wk k)ᵀ v with g = exp(b_last + m_c - m_{c+1})
     and s = exp(M_c - m_{c+1}): the product does not wait for the stabiliser, and the only
     dependency carried from chunk to chunk besides C and n is one scalar max.
+
+    Segment ``seg`` of a head runs chunks seg·SEG .. min(NC, (seg+1)·SEG) from row i_bh·INIT_STRIDE + seg
+    of (C0, n0, m0): one segment is the whole sequence from its initial state; several fill in the chunk
+    states between those a pass over coarser chunks stored. STORE_FINAL: the state after chunk NC.
     """
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, seg = pid // NSEG, pid % NSEG
     i_kv = i_bh // REP
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
     if HAS_INIT:
-        C = tl.load(C0 + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
-        n = tl.load(n0 + i_bh * DK + o_k).to(tl.float32)
-        m = tl.load(m0 + i_bh).to(tl.float32)
+        row = i_bh * INIT_STRIDE + seg
+        C = tl.load(C0 + row * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
+        n = tl.load(n0 + row * DK + o_k).to(tl.float32)
+        m = tl.load(m0 + row).to(tl.float32)
     else:
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
         m = tl.full([], float("-inf"), tl.float32)
-    for c in range(NC):
+    for c in range(seg * SEG, tl.minimum(seg * SEG + SEG, NC)):
         st = i_bh * (NC + 1) + c
         tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
         if i_v == 0:
@@ -165,13 +175,14 @@ def _fwd_states(
         C = C * g + s * tl.dot(tl.trans(kw.to(vc.dtype)), vc, input_precision=PREC)
         n = n * g + s * tl.sum(kw, 0)
         m = m_next
-    tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
-    if i_v == 0:
-        tl.store(n_last + i_bh * DK + o_k, n)
-        tl.store(ns + (i_bh * (NC + 1) + NC) * DK + o_k, n)
-        if i_k == 0:
-            tl.store(ms + i_bh * (NC + 1) + NC, m)
-            tl.store(m_last + i_bh, m)
+    if STORE_FINAL:
+        tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
+        if i_v == 0:
+            tl.store(n_last + i_bh * DK + o_k, n)
+            tl.store(ns + (i_bh * (NC + 1) + NC) * DK + o_k, n)
+            if i_k == 0:
+                tl.store(ms + i_bh * (NC + 1) + NC, m)
+                tl.store(m_last + i_bh, m)
 
 
 @triton.autotune(OUT_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
@@ -416,6 +427,16 @@ def pinned_launches(index: int, DK: int, DV: int):
             kernel.configs = kept
 
 
+def _gates(i_pre, f_pre, NH: int, S: int, L: int):
+    """ĩ, b, wk (B*NH, S_pad) and M (B*NH, NC) for chunks of L (see _fwd_gates)."""
+    BH, NC = i_pre.shape[0] * NH, triton.cdiv(S, L)
+    ig = torch.empty(BH, NC * L, device=i_pre.device, dtype=torch.float32)
+    b, wk = torch.empty_like(ig), torch.empty_like(ig)
+    M = torch.empty(BH, NC, device=i_pre.device, dtype=torch.float32)
+    _fwd_gates[(NC, BH)](i_pre, f_pre, ig, b, wk, M, S, NC * L, NC, NH, *i_pre.stride(), *f_pre.stride(), L=L)
+    return ig, b, wk, M
+
+
 def _size_buckets(batch_heads: int, chunks: int) -> tuple[int, int]:
     # the tuning key's BH_LOG2, NC_LOG2: the kernels never read them
     return batch_heads.bit_length(), chunks.bit_length()
@@ -446,7 +467,7 @@ def _check(q, k, v, i_pre, f_pre, chunk_size):
 
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, i_pre, f_pre, C0, n0, m0, L, eps):
+    def forward(ctx, q, k, v, i_pre, f_pre, C0, n0, m0, L, eps, forward_only):
         B, NH, S, DK = q.shape
         NKV, DV = k.shape[1], v.shape[-1]
         BH, NC, REP = B * NH, triton.cdiv(S, L), NH // NKV
@@ -454,10 +475,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dev, f32 = q.device, torch.float32
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        ig = torch.empty(BH, S_pad, device=dev, dtype=f32)
-        b, wk = torch.empty_like(ig), torch.empty_like(ig)
-        M = torch.empty(BH, NC, device=dev, dtype=f32)
-        _fwd_gates[(NC, BH)](i_pre, f_pre, ig, b, wk, M, S, S_pad, NC, NH, *i_pre.stride(), *f_pre.stride(), L=L)
+        ig, b, wk, M = _gates(i_pre, f_pre, NH, S, L)
 
         has_init = C0 is not None
         if has_init:  # the kernel reads them as flat fp32 rows
@@ -470,11 +488,32 @@ class _MLSTMChunkwise(torch.autograd.Function):
         C_last = torch.empty(B, NH, DK, DV, device=dev, dtype=f32)
         n_last = torch.empty(B, NH, DK, device=dev, dtype=f32)
         m_last = torch.empty(B, NH, device=dev, dtype=f32)
+        final = (C_last, n_last, m_last)
+        consts = dict(DK=DK, DV=DV, PREC=prec)
+        R = max(1, SUPER_CHUNK // L)
+        if forward_only and NC > R > 1:
+            # forward only (prefill): the sequential pass walks chunks of R·L, R times fewer steps; one
+            # program per coarse chunk then fills in the states between. The backward's exact stabiliser
+            # routing needs the single-level pass's m sequence, so training keeps that.
+            NC2 = triton.cdiv(NC, R)
+            _, b2, wk2, M2 = _gates(i_pre, f_pre, NH, S, R * L)
+            Cs2 = torch.empty(BH, NC2 + 1, DK, DV, device=dev, dtype=q.dtype)
+            ns2 = torch.empty(BH, NC2 + 1, DK, device=dev, dtype=f32)
+            ms2 = torch.empty(BH, NC2 + 1, device=dev, dtype=f32)
+            _fwd_states[_state_grid(DK, DV, BH)](
+                k, v, b2, wk2, M2, C0c, n0c, m0c, Cs2, ns2, ms2, *final, S, NC2 * R * L, NC2, REP, 1, NC2, 1,
+                *_size_buckets(BH, NC2), HAS_INIT=has_init, STORE_FINAL=True, L=R * L, **consts,
+            )
+            _fwd_states[_state_grid(DK, DV, BH * NC2)](
+                k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2 + 1,
+                *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_FINAL=False, L=L, **consts,
+            )
+        else:
+            _fwd_states[_state_grid(DK, DV, BH)](
+                k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, *final, S, S_pad, NC, REP, 1, NC, 1,
+                *_size_buckets(BH, NC), HAS_INIT=has_init, STORE_FINAL=True, L=L, **consts,
+            )
         buckets = _size_buckets(BH, NC)
-        _fwd_states[_state_grid(DK, DV, BH)](
-            k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, C_last, n_last, m_last, S, S_pad, NC, REP, *buckets,
-            HAS_INIT=has_init, DK=DK, DV=DV, L=L, PREC=prec,
-        )
         h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
         m_t = torch.empty(BH, S_pad, device=dev, dtype=f32)
         qn = torch.empty(BH, S_pad, device=dev, dtype=f32)
@@ -529,7 +568,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             # (C0, n0) are stabilised by m0: raising m0 scales the true state
             dm0 = (C0.float() * dC0).sum((-2, -1)) + (n0.float() * dn0).sum(-1) + dms[:, 0].reshape(B, NH)
             dC0, dn0, dm0 = dC0.to(C0.dtype), dn0.to(n0.dtype), dm0.to(m0.dtype)
-        return dq, dk, dv, d_i, d_f, dC0, dn0, dm0, None, None
+        return dq, dk, dv, d_i, d_f, dC0, dn0, dm0, None, None, None
 
 
 def mlstm_chunkwise_triton(
@@ -551,5 +590,7 @@ def mlstm_chunkwise_triton(
     """
     _check(q, k, v, i_pre, f_pre, chunk_size)
     C0, n0, m0 = state if state is not None else (None, None, None)
-    h, C, n, m = _MLSTMChunkwise.apply(q, k, v, i_pre, f_pre, C0, n0, m0, chunk_size, eps)
+    inputs = (q, k, v, i_pre, f_pre, C0, n0, m0)
+    forward_only = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs))
+    h, C, n, m = _MLSTMChunkwise.apply(*inputs, chunk_size, eps, forward_only)
     return h, (C, n, m)

@@ -95,12 +95,12 @@ def _parallel_m_detached(q, k, v, i_pre, f_pre, eps=1e-6):
     return (scores @ v) / den.unsqueeze(-1)
 
 
-def test_mlstm_state_passing_prefill_then_decode():
+@pytest.mark.parametrize("S,cut", [(230, 77), (700, 300)])  # the second: both pieces take the two-level pass
+def test_mlstm_state_passing_prefill_then_decode(S, cut):
     """Kernel prefill in two pieces (not on chunk boundaries), then oracle decode steps == one long run."""
-    B, NH, S, D, steps = 2, 3, 230, 64, 6
+    B, NH, D, steps = 2, 3, 64, 6
     q, k, v, i_pre, f_pre = mlstm_inputs(B, NH, S + steps, D, D, torch.float32, seed=5)
     h_long = mlstm_parallel(q, k, v, i_pre, f_pre)
-    cut = 77
     h1, state = mlstm_chunkwise_triton(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], i_pre[..., :cut], f_pre[..., :cut])
     sl = slice(cut, S)
     h2, state = mlstm_chunkwise_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], i_pre[..., sl], f_pre[..., sl], state=state)
@@ -109,6 +109,27 @@ def test_mlstm_state_passing_prefill_then_decode():
         h_t, state = mlstm_recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], i_pre[..., t], f_pre[..., t], state)
         outs.append(h_t.unsqueeze(-2))
     assert rel_err(torch.cat(outs, dim=-2), h_long) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,L", [(300, 64), (333, 16), (1000, 64)])
+def test_mlstm_forward_only_two_level_pass_matches_oracle(dtype, S, L):
+    """Without gradients the state pass walks chunks of SUPER_CHUNK tokens, then one program per coarse
+    chunk fills in the finer chunk states: h and the final state against the fp64 oracle; grouped heads,
+    an initial state, ragged tails at both levels."""
+    B, NH, NKV, D = 1, 4, 2, 64
+    assert -(-S // L) > mk.SUPER_CHUNK // L  # more fine chunks than one coarse chunk holds
+    q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, D, D, dtype, seed=21)
+    _, k, v, _, _ = mlstm_inputs(B, NKV, S, D, D, dtype, seed=22)
+    g = torch.Generator(device="cuda").manual_seed(23)
+    state = (torch.rand(B, NH, D, D, device="cuda", generator=g), torch.rand(B, NH, D, device="cuda", generator=g),
+             torch.randn(B, NH, device="cuda", generator=g) + 2.0)
+    with torch.no_grad():
+        h, (C, n, m) = mlstm_chunkwise_triton(q, k, v, i_pre, f_pre, state=state, chunk_size=L)
+    wide = [x.double() for x in (q, k.repeat_interleave(NH // NKV, 1), v.repeat_interleave(NH // NKV, 1), i_pre, f_pre)]
+    h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(*wide, state=tuple(x.double() for x in state), chunk_size=L)
+    errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
