@@ -10,8 +10,9 @@ Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forw
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
 chunk for its outputs. A forward that no backward follows (prefill) makes the sequential pass over
-chunks of SUPER_CHUNK tokens and fills in the states between in parallel (five launches). Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass
-for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
+chunks of SUPER_CHUNK tokens and fills in the states between in parallel (five launches). Backward:
+∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for the state gradients, then one
+program per chunk for dq, dk, dv, dĩ and df̃.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
