@@ -112,19 +112,20 @@ def test_greedy_generate_with_cache_equals_reference(mixer, monkeypatch):
 
 
 @gpu
-def test_prefill_state_passes_to_decode(monkeypatch):
+@pytest.mark.parametrize("prompt", [130, 400])  # 400 = 25 chunks: the mLSTM's two-level forward pass
+def test_prefill_state_passes_to_decode(prompt, monkeypatch):
     # logits of a kernel prefill + cached steps equal the reference's full recompute at every step
     model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda()
-    ids = torch.randint(0, 259, (1, 180), device="cuda")
+    ids = torch.randint(0, 259, (1, prompt + 50), device="cuda")
     monkeypatch.setenv("XMERGE_KERNELS", "1")
     with torch.no_grad():
-        out = model(ids[:, :130], use_cache=True)
+        out = model(ids[:, :prompt], use_cache=True)
         stepped = [out.logits[:, -1]]
-        for t in range(130, 180):
+        for t in range(prompt, prompt + 50):
             out = model(ids[:, t : t + 1], past_key_values=out.past_key_values)
             stepped.append(out.logits[:, -1])
         monkeypatch.setenv("XMERGE_KERNELS", "0")
-        full = model(ids).logits[:, 129:]
+        full = model(ids).logits[:, prompt - 1 :]
     assert rel_err(torch.stack(stepped, dim=1), full) < 1e-4
 
 
