@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from xmerge.benchmarks.tables import print_ratio_table
 from xmerge.modeling import dispatch
 from xmerge.modeling.convert import convert_teacher
 
@@ -162,11 +163,9 @@ def main() -> None:
     for compiled in ("0", "1"):
         os.environ["XMERGE_COMPILE"] = compiled
         times[f"student, XMERGE_COMPILE={compiled}"] = host_ms(deep_student, ids)
-    base = times["teacher (HF Llama, SDPA)"]
-    print("\n| 30 layers, 64 tokens, CPU | host ms per prefill | vs teacher |")
-    print("|---|---|---|")
-    for name, ms in times.items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f}× |")
+    print()
+    print_ratio_table(times, "teacher (HF Llama, SDPA)", row="30 layers, 64 tokens, CPU",
+                      value="host ms per prefill")
 
 
 if __name__ == "__main__":

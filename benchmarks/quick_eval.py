@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from xmerge.benchmarks.tables import print_ratio_table
 from xmerge.evals.quick import SUITES, EvalSet, evaluate
 from xmerge.experts.data import load_domain
 from xmerge.experts.targets import topk_logprobs
@@ -74,16 +75,8 @@ def main() -> None:
     n_problems = sum(min(len(s.problems), suite.max_problems) for s in sets.values())
     print(f"threads={torch.get_num_threads()} torch={torch.__version__} domains={args.domains} "
           f"blocks={n_blocks}x{args.seq} math problems={n_problems} (answer ≤ {suite.answer_tokens} tokens)\n")
-    print_ratio_table(rows, baseline)
-
-
-def print_ratio_table(rows: dict[str, list[float]], baseline: str) -> None:
-    """Markdown table of the best time of each row and its ratio to the baseline row's best."""
-    base = min(rows[baseline])
-    print("| timed | best wall (s) | ratio vs baseline |")
-    print("|---|---|---|")
-    for name, ts in rows.items():
-        print(f"| {name} | {min(ts):.1f} | {min(ts) / base:.2f}x |")
+    best = {name: min(ts) for name, ts in rows.items()}
+    print_ratio_table(best, baseline, row="timed", value="best wall (s)")
 
 
 if __name__ == "__main__":

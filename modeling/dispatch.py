@@ -58,8 +58,9 @@ def compiled_region(method):
     @functools.wraps(method)
     def run(*args, **kwargs):
         nonlocal compiled
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if os.environ.get("XMERGE_COMPILE", "0") != "1" or capturing:
+        if os.environ.get("XMERGE_COMPILE", "0") != "1" or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        ):
             return method(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(method, dynamic=True)
