@@ -196,7 +196,10 @@ class HybridAttention(nn.Module):
         """o · mLSTM + (1 − o) · SWA (B, H, T, D), with o = σ(W_o [q; k; v] + b_o) per head from the raw
         projections."""
         o = torch.sigmoid(self.ogate(torch.cat([q_raw, k_raw, v_raw], dim=-1))).transpose(1, 2).unsqueeze(-1)
-        return torch.lerp(swa, mlstm, o)  # one operator for swa + o·(mlstm − swa)
+        # one operator for swa + o·(mlstm − swa); lerp wants one dtype, and under autocast swa and o come
+        # back in bf16 while mlstm is in the residual's dtype (no copy when they already agree)
+        dtype = mlstm.dtype
+        return torch.lerp(swa.to(dtype), mlstm, o.to(dtype))
 
     def forward(self, x, cos, sin, positions, start, layer: LayerCache | None = None,
                 span: TokenSpan | None = None):

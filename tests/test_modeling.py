@@ -29,6 +29,19 @@ def test_swa_student_with_full_window_equals_teacher(family):
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_hybrid_forward_and_backward_under_bf16_autocast():
+    """Under autocast the SWA branch and the output gate come back in bf16 while the mLSTM branch is in the
+    residual's dtype (fp32): the mix must take both, and stay near the fp32 logits."""
+    student = tiny_student("llama", window=16).train()
+    ids = torch.randint(0, 259, (2, 40))
+    exact = student(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = student(ids).logits
+    logits.float().sum().backward()
+    assert rel_err(logits.float(), exact.detach()) < 3e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_with_output_gate_zero_equals_teacher(family):
     """DESIGN invariant: W >= sequence length and o forced to 0 gives the teacher's logits."""
