@@ -11,9 +11,9 @@ Teacher: HF LlamaForCausalLM, SDPA, its default DynamicCache, eager; for the con
 prefill, its HybridCache; decode eager (Python per layer) and as one CUDA-graph replay per token
 (modeling/decode_graph), with the fused decode kernel and, for comparison, with the pure-PyTorch step.
 Ratios are teacher time / student time. B=1 rows also give the fraction of the HBM bound
-(weights bytes / bandwidth, --hbm-tb-s). Prefill also times the student with its compiled regions
-(XMERGE_COMPILE=1, "student_compiled"; the compile falls in the untimed first call) and with mLSTM
-chunks of 128 ("student_chunk128": the kernel's forward at c128 beat c64 in the kernel benchmark).
+(weights bytes / bandwidth, --hbm-tb-s). Prefill times the student as it ships ("student": compiled
+regions from 32K tokens, XMERGE_COMPILE=auto), always eager ("student_eager", XMERGE_COMPILE=0) and
+always compiled ("student_compiled", XMERGE_COMPILE=1); a compile falls in the untimed first call.
 
     python3 benchmarks/gpu_student.py --teacher /tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf --out student.json
 """
@@ -36,12 +36,12 @@ from xmerge.modeling.decode_graph import GraphedGreedyDecoder
 from xmerge.modeling.teacher import load_teacher
 
 GIB = 2**30
-# prefill rows: name -> (model, XMERGE_COMPILE, mLSTM chunk size; None keeps the converted student's)
+# prefill rows: name -> (model, XMERGE_COMPILE)
 PREFILL_VARIANTS = {
-    "teacher": ("teacher", "0", None),
-    "student": ("student", "0", None),
-    "student_compiled": ("student", "1", None),
-    "student_chunk128": ("student", "0", 128),
+    "teacher": ("teacher", "0"),
+    "student": ("student", "auto"),
+    "student_eager": ("student", "0"),
+    "student_compiled": ("student", "1"),
 }
 
 
@@ -143,7 +143,6 @@ def main() -> None:
     student = convert_teacher(teacher).to(torch.bfloat16).cuda().eval()
     teacher = teacher.to(torch.bfloat16).cuda().eval()
     models = {"teacher": teacher, "student": student}
-    chunk_size = student.config.chunk_size
     vocab = teacher.config.vocab_size
     teacher_compiled = torch.compile(teacher.forward, mode="reduce-overhead", fullgraph=True)
     weights_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
@@ -188,9 +187,8 @@ def main() -> None:
                 break
             ids = torch.randint(0, vocab, (1, length), device="cuda")
             row = {"prompt": length}
-            for name, (model, compiled, chunk) in PREFILL_VARIANTS.items():
+            for name, (model, compiled) in PREFILL_VARIANTS.items():
                 os.environ["XMERGE_COMPILE"] = compiled
-                student.config.chunk_size = chunk or chunk_size  # the layers read it at every call
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
@@ -201,7 +199,7 @@ def main() -> None:
                     row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
                 if name != "teacher" and "ttft_ms" in row["teacher"] and "ttft_ms" in row[name]:
                     row[f"speedup_{name}"] = row["teacher"]["ttft_ms"] / row[name]["ttft_ms"]
-            os.environ["XMERGE_COMPILE"], student.config.chunk_size = "0", chunk_size  # as the decode rows run
+            os.environ["XMERGE_COMPILE"] = "auto"  # as the student ships, for the profile and decode rows
             result["prefill"].append(row)
             save()
             print("prefill", json.dumps(row), flush=True)

@@ -14,16 +14,21 @@ otherwise in their inputs' dtype. CPU always runs the reference, unchanged.
 Switch: ``XMERGE_KERNELS=0`` forces the reference everywhere (read at every call, so a test or a
 benchmark can compare both paths in one process).
 
-Compiled regions: with ``XMERGE_COMPILE=1`` (read at every call; off by default until measured on a
-GPU) the student's kernel-free stretches (projections and RoPE, feature maps and gates, the hybrid mix,
-residuals and MLP) run under ``torch.compile``: a few fused launches each instead of ~150 eager operators
-per layer, whose dispatch bounds a short prefill (benchmarks/host_ops.py). Never inside a CUDA-graph
-capture, which the graph decoder does (a compile there would fail).
+Compiled regions: the student's kernel-free stretches (projections and RoPE, feature maps and gates, the
+hybrid mix, residuals and MLP) can run under ``torch.compile``, which fuses their elementwise operators.
+``XMERGE_COMPILE`` (read at every call): ``auto`` (default) compiles inference calls on CUDA of at least
+``COMPILE_MIN_TOKENS`` tokens, ``1`` every call (training too), ``0`` none. The threshold is the measured
+crossover on an H200 (benchmarks/RESULTS-gpu.md, SmolLM2 prefill at B=1): compiled regions took 117 ms
+against eager's 153 ms at 64K, since at that length the GPU works through each elementwise pass, but
+89 against 70 ms at 4K and 86 against 76 at 16K, where the host's dispatch bounds the time and the
+compiled regions' guards add to it. Never inside a CUDA-graph capture, which the graph decoder does
+(a compile there would fail). The first compiled call compiles (tens of seconds, logged once).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -47,24 +52,42 @@ def kernels_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("XMERGE_KERNELS", "1") != "0" and _triton_available()
 
 
-def compiled_region(method):
-    """``method`` under ``torch.compile(dynamic=True)`` while ``XMERGE_COMPILE=1``, eager otherwise.
+COMPILE_MIN_TOKENS = 32768
+COMPILE_MODES = ("auto", "0", "1")
+log = logging.getLogger(__name__)
 
-    For methods whose bodies hold no kernel call, cache write or host read. One compiled function serves
-    every layer (modules are inputs to it, not constants) and every batch and length.
+
+def compile_wanted(x: torch.Tensor) -> bool:
+    """Whether a compiled region runs compiled for an input ``x`` (B, T, ...) under ``XMERGE_COMPILE``."""
+    mode = os.environ.get("XMERGE_COMPILE", "auto")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"XMERGE_COMPILE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode == "0" or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    if mode == "1":
+        return True
+    return (x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() >= COMPILE_MIN_TOKENS
+            and _triton_available())
+
+
+def compiled_region(method):
+    """``method`` under ``torch.compile(dynamic=True)`` where ``compile_wanted`` says so, eager otherwise.
+
+    For methods ``(self, x, ...)`` whose first tensor ``x`` is (B, T, ...) and whose bodies hold no kernel
+    call, cache write or host read. One compiled function serves every layer (modules are inputs to it,
+    not constants) and every batch and length.
     """
     compiled = None
 
     @functools.wraps(method)
-    def run(*args, **kwargs):
+    def run(module, x, *args, **kwargs):
         nonlocal compiled
-        if os.environ.get("XMERGE_COMPILE", "0") != "1" or (
-            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        ):
-            return method(*args, **kwargs)
+        if not compile_wanted(x):
+            return method(module, x, *args, **kwargs)
         if compiled is None:
+            log.info("compiling %s for long inputs (once per process)", method.__qualname__)
             compiled = torch.compile(method, dynamic=True)
-        return compiled(*args, **kwargs)
+        return compiled(module, x, *args, **kwargs)
 
     return run
 

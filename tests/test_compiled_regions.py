@@ -13,6 +13,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from common import tiny_student
+from xmerge.modeling.dispatch import COMPILE_MIN_TOKENS, compile_wanted
 
 REGIONS = 4  # project, mlstm_inputs, hybrid_mix, finish
 
@@ -64,3 +65,15 @@ def test_one_graph_per_region_for_every_layer_and_length(monkeypatch):
         assert counters["stats"]["unique_graphs"] == REGIONS
         model(input_ids=torch.randint(0, 200, (7, 57)))
     assert counters["stats"]["unique_graphs"] == REGIONS
+
+
+def test_auto_mode_leaves_cpu_eager_and_bad_modes_raise(monkeypatch):
+    """The default (auto) compiles only long CUDA inference calls: CI's CPU runs stay eager, even long."""
+    monkeypatch.delenv("XMERGE_COMPILE", raising=False)
+    with torch.no_grad():
+        assert not compile_wanted(torch.empty(1, COMPILE_MIN_TOKENS, 4))
+    monkeypatch.setenv("XMERGE_COMPILE", "1")
+    assert compile_wanted(torch.empty(1, 3, 4))
+    monkeypatch.setenv("XMERGE_COMPILE", "yes")
+    with pytest.raises(ValueError, match="XMERGE_COMPILE='yes'"):
+        compile_wanted(torch.empty(1, 3, 4))

@@ -191,3 +191,30 @@ def test_block_mask_from_block_coordinates_equals_create_block_mask(seq, window,
         ):
             n = int(num[0, 0, row])
             assert set(idx[0, 0, row, :n].tolist()) == set(ref_idx[0, 0, row, :n].tolist())
+
+
+@gpu
+def test_auto_compile_takes_long_inference_calls_only(monkeypatch):
+    """XMERGE_COMPILE=auto (the default): regions compile for CUDA inference calls from COMPILE_MIN_TOKENS
+    tokens, not below and not with autograd; the compiled forward equals the eager one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from xmerge.modeling.dispatch import COMPILE_MIN_TOKENS, compile_wanted
+
+    monkeypatch.delenv("XMERGE_COMPILE", raising=False)
+    long = torch.empty(1, COMPILE_MIN_TOKENS, 4, device="cuda")
+    with torch.no_grad():
+        assert compile_wanted(long) and not compile_wanted(long[:, 1:])
+    assert not compile_wanted(long)  # grad mode on: training stays eager unless XMERGE_COMPILE=1
+    model = tiny_student("llama", window=WINDOW, sinks=SINKS, chunk_size=CHUNK).cuda().eval()
+    ids = torch.randint(0, 259, (2, COMPILE_MIN_TOKENS // 2), device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        monkeypatch.setenv("XMERGE_COMPILE", "0")
+        eager = model(input_ids=ids).logits  # compiles FlexAttention for this shape
+        counters.clear()
+        monkeypatch.delenv("XMERGE_COMPILE")
+        compiled = model(input_ids=ids).logits
+    assert counters["stats"]["unique_graphs"] == 4  # project, mlstm_inputs, hybrid_mix, finish
+    assert rel_err(compiled, eager) < 1e-4
