@@ -9,8 +9,8 @@ Same semantics as the pure-PyTorch oracle (per head, scalar gates, feature-mappe
 Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forward: the gates
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
-chunk for its outputs. A forward that no backward follows (prefill) makes the sequential pass over
-chunks of SUPER_CHUNK tokens and fills in the states between in parallel (five launches). Backward:
+chunk for its outputs. Past SUPER_CHUNK tokens the sequential pass walks chunks of SUPER_CHUNK
+tokens and one program per such chunk fills in the states between (five launches). Backward:
 ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for the state gradients, then one
 program per chunk for dq, dk, dv, dĩ and df̃.
 
@@ -19,7 +19,8 @@ h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else
 ∂L/∂m_t = -eps (dh_t·h_t) / den_t as autograd does through the chunkwise oracle's max():
 a position's m_t is either an in-chunk ``b_t - b_s + ĩ_s`` (to that s) or ``b_t + m_c`` (to
 the chunk-start stabiliser m_c, which the reverse pass carries back through
-``m_{c+1} = max(b_last + m_c, max_s(b_last - b_s + ĩ_s))``). The final state carries no gradient.
+``m_{c+1} = max(b_last + m_c, max_s(b_last - b_s + ĩ_s))``, routed by comparing the two arguments).
+The final state carries no gradient.
 
 Grouped heads: k and v may have fewer heads than q (NH a multiple of NKV); query head h reads
 kv head h // (NH / NKV), with no copy. Gates may be any float dtype and any strides.
@@ -89,8 +90,8 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
-# A forward without backward walks the sequence in chunks of this many tokens, then fills in the states
-# of the finer chunks in parallel (a sequential pass of 1,024 dependent steps bounded the 64K forward).
+# The forward walks the sequence in chunks of this many tokens, then fills in the states of the finer
+# chunks in parallel (a sequential pass of 1,024 dependent steps bounded the 64K forward). 0: one level.
 SUPER_CHUNK = 256
 
 
@@ -269,14 +270,16 @@ def _bwd_prep(
 @triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
-    q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms,
+    q, dh, b, M, ms, m_t, den, dqn, D, dCs, dns, dms,
     S, S_pad, NC, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH).
 
-    dms[c] = ∂L/∂m_c through the stabiliser alone: D_c plus dms[c+1] where m_{c+1} = b_last + m_c.
+    dms[c] = ∂L/∂m_c through the stabiliser alone: D_c plus dms[c+1] where m_{c+1} = b_last + m_c,
+    i.e. where b_last + m_c >= M_c (compared with M, not with the stored m_{c+1}: the two-level forward
+    rounds m differently where its segments meet).
     """
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -302,8 +305,7 @@ def _bwd_states(
         denc = tl.load(den + i_bh * S_pad + t)
         dqnc = tl.load(dqn + i_bh * S_pad + t)
         m_c = tl.load(ms + st)
-        m_next_raw = tl.load(ms + st + 1)
-        m_next = _safe(m_next_raw)
+        m_next = _safe(tl.load(ms + st + 1))
         b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
         a = tl.exp(bc + m_c - mt)
         qa = qc.to(tl.float32) * a[:, None]
@@ -311,7 +313,7 @@ def _bwd_states(
         g = tl.exp(b_last + m_c - m_next)
         dC = dC * g + tl.dot(tl.trans(qa.to(qc.dtype)), dnum.to(qc.dtype), input_precision=PREC)
         dn = dn * g + tl.sum(qa * dqnc[:, None], 0)
-        dmc = tl.load(D + i_bh * NC + c) + tl.where(b_last + m_c == m_next_raw, dmc, 0.0)
+        dmc = tl.load(D + i_bh * NC + c) + tl.where(b_last + m_c >= tl.load(M + i_bh * NC + c), dmc, 0.0)
     tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
     if i_v == 0:
         tl.store(dns + (i_bh * (NC + 1)) * DK + o_k, dn)
@@ -322,7 +324,7 @@ def _bwd_states(
 @triton.autotune(CHUNK_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_chunk(
-    q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
+    q, k, v, dh, b, ig, f_pre, M, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
     dq, dk, dv, di, df,
     S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -346,8 +348,7 @@ def _bwd_chunk(
     dqnc = tl.load(dqn + i_bh * S_pad + t)
     st = i_bh * (NC + 1) + c
     m_c = tl.load(ms + st)
-    m_next_raw = tl.load(ms + st + 1)
-    m_next = _safe(m_next_raw)
+    m_next = _safe(tl.load(ms + st + 1))
     b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
     nc = tl.load(ns + st * DK + o_k)
     dn1 = tl.load(dns + (st + 1) * DK + o_k)
@@ -362,7 +363,7 @@ def _bwd_chunk(
     # the stabiliser: m_t = b_t + (-b_s + ĩ_s, counted in dm_key, or m_c), and m_{c+1} = b_last + (m_c,
     # or -b_s + ĩ_s at the argmax of log_w): ∂L/∂m goes to b_t, b_last and those keys s (to_key)
     dm_next = tl.load(dms + st + 1)
-    from_next = tl.where(b_last + m_c != m_next_raw, dm_next, 0.0)
+    from_next = tl.where(b_last + m_c < tl.load(M + i_bh * NC + c), dm_next, 0.0)  # as _bwd_states routes
     to_key = tl.load(dm_key + i_bh * S_pad + t) + tl.where(o_t == tl.argmax(log_w, 0), from_next, 0.0)
     db_stab = tl.load(dm + i_bh * S_pad + t) - to_key + tl.where(o_t == L - 1, dm_next, 0.0)
 
@@ -492,10 +493,11 @@ class _MLSTMChunkwise(torch.autograd.Function):
         final = (C_last, n_last, m_last)
         consts = dict(DK=DK, DV=DV, PREC=prec)
         R = max(1, SUPER_CHUNK // L)
-        if forward_only and NC > R > 1:
-            # forward only (prefill): the sequential pass walks chunks of R·L, R times fewer steps; one
-            # program per coarse chunk then fills in the states between. The backward's exact stabiliser
-            # routing needs the single-level pass's m sequence, so training keeps that.
+        if NC > R > 1:
+            # the sequential pass walks chunks of R·L, R times fewer steps; one program per coarse chunk
+            # then fills in the states between. Max-plus composition is associative, so the fine m
+            # sequence equals the single-level one up to rounding where segments meet (the backward's
+            # stabiliser routing compares with M, not with the stored m, for that reason)
             NC2 = triton.cdiv(NC, R)
             _, b2, wk2, M2 = _gates(i_pre, f_pre, NH, S, R * L)
             Cs2 = torch.empty(BH, NC2 + 1, DK, DV, device=dev, dtype=q.dtype)
@@ -509,6 +511,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
                 k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2 + 1,
                 *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_FINAL=False, L=L, **consts,
             )
+            if not forward_only:
+                ms[:, NC] = m_last.view(BH)  # the backward reads m after the last chunk
         else:
             _fwd_states[_state_grid(DK, DV, BH)](
                 k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, *final, S, S_pad, NC, REP, 1, NC, 1,
@@ -521,7 +525,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         _fwd_out[lambda meta: (DV // meta["BV"], NC, BH)](
             q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps, *buckets, DK=DK, DV=DV, L=L, PREC=prec
         )
-        ctx.save_for_backward(q, k, v, i_pre, f_pre, ig, b, Cs, ns, ms, m_t, qn, h, C0, n0, m0)
+        ctx.save_for_backward(q, k, v, i_pre, f_pre, ig, b, M, Cs, ns, ms, m_t, qn, h, C0, n0, m0)
         ctx.L, ctx.eps, ctx.prec, ctx.has_init = L, eps, prec, has_init
         ctx.mark_non_differentiable(C_last, n_last, m_last)
         ctx.set_materialize_grads(False)  # no zero gradients for the final state, which backward ignores
@@ -529,7 +533,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, _dC, _dn, _dm):
-        q, k, v, i_pre, f_pre, ig, b, Cs, ns, ms, m_t, qn, h, C0, n0, m0 = ctx.saved_tensors
+        q, k, v, i_pre, f_pre, ig, b, M, Cs, ns, ms, m_t, qn, h, C0, n0, m0 = ctx.saved_tensors
         L, eps, prec = ctx.L, ctx.eps, ctx.prec
         B, NH, S, DK = q.shape
         NKV, DV = k.shape[1], v.shape[-1]
@@ -545,7 +549,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         buckets = _size_buckets(BH, NC)
         _bwd_states[_state_grid(DK, DV, BH)](
-            q, dh, b, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC, *buckets,
+            q, dh, b, M, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC, *buckets,
             DK=DK, DV=DV, L=L, PREC=prec,
         )
         dq = torch.empty_like(q)
@@ -554,7 +558,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         d_i = torch.empty(B, NH, S, device=q.device, dtype=i_pre.dtype)
         d_f = torch.empty(B, NH, S, device=q.device, dtype=f_pre.dtype)
         _bwd_chunk[(NC, BH)](
-            q, k, v, dh, b, ig, f_pre, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
+            q, k, v, dh, b, ig, f_pre, M, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
             S, S_pad, NC, REP, NH, *f_pre.stride(), *buckets,
             DK=DK, DV=DV, L=L, PREC=prec,
         )

@@ -113,8 +113,8 @@ def test_mlstm_state_passing_prefill_then_decode(S, cut):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("S,L", [(300, 64), (333, 16), (1000, 64)])
-def test_mlstm_forward_only_two_level_pass_matches_oracle(dtype, S, L):
-    """Without gradients the state pass walks chunks of SUPER_CHUNK tokens, then one program per coarse
+def test_mlstm_two_level_pass_matches_oracle(dtype, S, L):
+    """Past SUPER_CHUNK tokens the state pass walks chunks of SUPER_CHUNK tokens, then one program per coarse
     chunk fills in the finer chunk states: h and the final state against the fp64 oracle; grouped heads,
     an initial state, ragged tails at both levels."""
     B, NH, NKV, D = 1, 4, 2, 64
@@ -129,6 +129,29 @@ def test_mlstm_forward_only_two_level_pass_matches_oracle(dtype, S, L):
     wide = [x.double() for x in (q, k.repeat_interleave(NH // NKV, 1), v.repeat_interleave(NH // NKV, 1), i_pre, f_pre)]
     h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(*wide, state=tuple(x.double() for x in state), chunk_size=L)
     errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize(  # the last: large gates and sharp features make eps·exp(m) matter (fp32 sees it)
+    "dtype,i_scale,sharpness", [(torch.float32, 3.0, 1.0), (torch.bfloat16, 3.0, 1.0), (torch.float32, 12.0, 5.0)]
+)
+def test_mlstm_two_level_pass_gradients_match_oracle(dtype, i_scale, sharpness):
+    """Training takes the two-level state pass too: its m sequence is rounded differently where segments
+    meet, and the backward must still route the stabiliser gradient. Grouped heads, a ragged tail."""
+    B, NH, NKV, S, D, L = 1, 4, 2, 700, 64, 32
+    assert -(-S // L) > mk.SUPER_CHUNK // L > 1
+    q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, D, D, dtype, i_scale, sharpness, seed=31)
+    _, k, v, _, _ = mlstm_inputs(B, NKV, S, D, D, dtype, i_scale, sharpness, seed=32)
+    xs = leaves([q, k, v, i_pre, f_pre])
+    refs = leaves(xs, torch.float64)
+    h, _ = mlstm_chunkwise_triton(*xs, chunk_size=L)
+    rep = NH // NKV
+    h_ref = mlstm_parallel(refs[0], refs[1].repeat_interleave(rep, 1), refs[2].repeat_interleave(rep, 1), *refs[3:])
+    dh = torch.randn_like(h_ref)
+    (h.double() * dh).sum().backward()
+    (h_ref * dh).sum().backward()
+    errs = {"h": rel_err(h, h_ref)}
+    errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(["q", "k", "v", "i", "f"], xs, refs)}
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
