@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=512, help="decode steps of the memory run (8x4096)")
     parser.add_argument("--budget-s", type=float, default=400, help="skip what would start after this many seconds")
     parser.add_argument("--profile", default="", help="prompt lengths whose student prefill to profile (top CUDA ops)")
+    parser.add_argument("--profile-decode", default="", help="BxPROMPT list whose fused graph decode to profile")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     # FlexAttention compiles once per input shape; every benchmarked shape must keep its compiled kernel
@@ -213,6 +214,19 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(f"student prefill profile at {length}:")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+        for config in filter(None, args.profile_decode.split(",")):
+            batch, prompt = map(int, config.split("x"))
+            tok, cache = first_token(student, torch.randint(0, vocab, (batch, prompt), device="cuda"))
+            decoder = GraphedGreedyDecoder(student, cache, tok, fused=True)
+            decoder.generate(4)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                decoder.generate(16)
+                torch.cuda.synchronize()
+            print(f"fused graph decode profile at {config} (16 steps; kernels inside the graph replays):")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+            del decoder, cache
 
         memory_config = (8, 4096)
         for config in filter(None, args.decode.split(",")):

@@ -1,8 +1,8 @@
 """Benchmark the kernels against their anchors, on one GPU, in one run (bf16, median of do_bench).
 
 mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py; autotuned, and pinned to its first launch
-candidates; its forward without autograd takes the two-level state pass, with autograd the single-level
-one) vs FLA ``chunk_simple_gla`` (fla-core)
+candidates; two-level state pass, and "one_level" rows with the single-level pass before it) vs FLA
+``chunk_simple_gla`` (fla-core)
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
 
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from xmerge.kernels import mlstm_chunkwise as mk
 from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton, pinned_launches
 from xmerge.kernels.swa import swa_attention
 from xmerge.modeling.mlstm import mlstm_chunkwise
@@ -47,6 +49,16 @@ def mlstm_inputs(B, H, S, D, requires_grad=False):
     return [x.requires_grad_(requires_grad) for x in (q, k, v, i_pre, f_pre)]
 
 
+@contextmanager
+def one_level():
+    """The single-level state pass (before the two-level one), for comparison."""
+    saved, mk.SUPER_CHUNK = mk.SUPER_CHUNK, 0
+    try:
+        yield
+    finally:
+        mk.SUPER_CHUNK = saved
+
+
 def fw_bw(fn, xs):
     def step():
         out = fn(*xs)
@@ -63,8 +75,11 @@ def bench_ours(B, H, S, D) -> dict:
         h, _ = mlstm_chunkwise_triton(*xs)
         h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
         row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
-    row["ours_fw_one_level"] = ms(lambda: mlstm_chunkwise_triton(*xs))  # with autograd: the single-level pass
     row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
+    with one_level():
+        with torch.no_grad():
+            row["ours_fw_one_level"] = ms(lambda: mlstm_chunkwise_triton(*xs))
+        row["ours_fwbw_one_level"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
     with torch.no_grad():
         row["ours_fw_c128"] = attempt(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))
     row["ours_fwbw_c128"] = attempt(fw_bw(lambda *a: mlstm_chunkwise_triton(*a, chunk_size=128)[0], xs), xs)
