@@ -6,7 +6,7 @@ candidates; two-level state pass, and "one_level" rows with the single-level pas
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
 
-    python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...]
+    python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
 
 from __future__ import annotations
@@ -142,16 +142,23 @@ def bench_attention(B, H, S, D) -> dict:
     return row
 
 
+PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable); default: the three issue shapes")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     args = parser.parse_args()
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else SHAPES
     rows = []
     for B, H, S, D in shapes:
         row = {"shape": [B, H, S, D]}
-        for part in (bench_ours, bench_fla, bench_xl_chunk, bench_attention):
+        for part in (PARTS[name] for name in args.parts.split(",")):
             row |= part(B, H, S, D)
             torch.cuda.empty_cache()
             print(part.__name__, json.dumps(row), flush=True)  # progress: a cut-short run keeps its parts
