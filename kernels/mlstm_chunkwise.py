@@ -9,10 +9,11 @@ Same semantics as the pure-PyTorch oracle (per head, scalar gates, feature-mappe
 Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forward: the gates
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
-chunk for its outputs. Past SUPER_CHUNK tokens the sequential pass walks chunks of SUPER_CHUNK
-tokens and one program per such chunk fills in the states between (five launches). Backward:
-∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for the state gradients, then one
-program per chunk for dq, dk, dv, dĩ and df̃.
+chunk for its outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for
+the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃. Past SUPER_CHUNK tokens
+both sequential passes walk chunks of SUPER_CHUNK tokens and one program per such chunk then fills in
+the finer chunks' states (or state gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent
+steps, for two more launches each way.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
@@ -231,13 +232,16 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    h, dh, b, ig, ms, m_t, qn, den, dqn, dm, dm_key, D,
+    h, dh, b, ig, M, ms, m_t, qn, den, dqn, dm, dm_key, D, A,
     S, S_pad, NC, eps,
     DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
 ):
     """Per position: den, ∂L/∂(qᵀn) and ∂L/∂m_t from dh·h. m_t is either an in-chunk
     ``b_t - b_s + ĩ_s`` (at the row's argmax s) or the carried ``b_t + m_c``: dm_key sums the former
-    per key s; D per chunk sums the latter (their share of ∂L/∂m_c). Grid (NC, B*NH)."""
+    per key s; D per chunk sums the latter (their share of ∂L/∂m_c). Per chunk, A = 1 where
+    m_{c+1} = max(b_last + m_c, M_c) takes its first argument (∂L/∂m_{c+1} flows on to m_c), else 0:
+    compared with M rather than with the stored m_{c+1}, which the two-level forward rounds differently
+    where its segments meet. Grid (NC, B*NH)."""
     c, i_bh = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, L)
     t = c * L + o_t
@@ -265,31 +269,62 @@ def _bwd_prep(
     tl.store(dm + i_bh * S_pad + t, dmc)
     tl.store(dm_key + i_bh * S_pad + t, tl.sum(tl.where(own, dmc[:, None], 0.0), 0))
     tl.store(D + i_bh * NC + c, tl.sum(tl.where(carried, dmc, 0.0), 0))
+    b_last = tl.sum(tl.where(o_t == L - 1, bc, 0.0), 0)
+    tl.store(A + i_bh * NC + c, tl.where(b_last + m_c >= tl.load(M + i_bh * NC + c), 1.0, 0.0))
+
+
+@triton.jit
+def _coarse_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
+    """The chain dm_c = D_c + A_c · dm_{c+1} over the R chunks of one coarse chunk, composed into one step
+    dm_start = D2 + A2 · dm_end (A is 0 or 1, so dm_start = Σ_j D_j Π_{i<j} A_i + Π A · dm_end).
+    Grid (NC2, B*NH)."""
+    c2, i_bh = tl.program_id(0), tl.program_id(1)
+    j = c2 * R + tl.arange(0, R)
+    valid = j < NC
+    d = tl.load(D + i_bh * NC + j, mask=valid, other=0.0)
+    breaks = 1.0 - tl.load(A + i_bh * NC + j, mask=valid, other=1.0)  # chunks past NC pass dm on unchanged
+    before = tl.cumsum(breaks, 0) - breaks  # chunks before j that stop the chain
+    tl.store(D2 + i_bh * NC2 + c2, tl.sum(tl.where(before == 0, d, 0.0), 0))
+    tl.store(A2 + i_bh * NC2 + c2, tl.where(tl.sum(breaks, 0) == 0, 1.0, 0.0))
 
 
 @triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
-    q, dh, b, M, ms, m_t, den, dqn, D, dCs, dns, dms,
-    S, S_pad, NC, BH_LOG2, NC_LOG2,
-    DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+    q, dh, b, ms, m_t, den, dqn, D, A, dC_end, dn_end, dm_end, dCs, dns, dms,
+    S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
+    HAS_END: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH).
+    """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH*NSEG).
 
-    dms[c] = ∂L/∂m_c through the stabiliser alone: D_c plus dms[c+1] where m_{c+1} = b_last + m_c,
-    i.e. where b_last + m_c >= M_c (compared with M, not with the stored m_{c+1}: the two-level forward
-    rounds m differently where its segments meet).
+    dms[c] = ∂L/∂m_c through the stabiliser alone: D_c + A_c · dms[c+1].
+
+    Levels as in _fwd_states: chunks of L tokens with b (rows of S_pad_b) and D, A of that level; the
+    stabiliser at chunk c's start is ms[min(c·MS_STRIDE, NCF)] of the fine pass (ms: (B·NH, NCF + 1));
+    the per-position m_t, den, dqn have rows of S_pad. Segment ``seg`` of a head runs chunks
+    min(NC, (seg+1)·SEG) - 1 down to seg·SEG from row i_bh·END_STRIDE + seg + 1 of (dC_end, dn_end,
+    dm_end) (HAS_END; else zero: the final state carries no gradient) and stores the gradient at each
+    chunk's end, the first segment also at chunk 0.
     """
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, seg = pid // NSEG, pid % NSEG
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
-    dC = tl.zeros([BK, BV], dtype=tl.float32)
-    dn = tl.zeros([BK], dtype=tl.float32)
-    dmc = tl.zeros([], dtype=tl.float32)
-    for cc in range(NC):
-        c = NC - 1 - cc
+    if HAS_END:
+        row = i_bh * END_STRIDE + seg + 1
+        dC = tl.load(dC_end + row * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
+        dn = tl.load(dn_end + row * DK + o_k).to(tl.float32)
+        dmc = tl.load(dm_end + row).to(tl.float32)
+    else:
+        dC = tl.zeros([BK, BV], dtype=tl.float32)
+        dn = tl.zeros([BK], dtype=tl.float32)
+        dmc = tl.zeros([], dtype=tl.float32)
+    first = seg * SEG
+    last = tl.minimum(first + SEG, NC)
+    for cc in range(first, last):
+        c = first + last - 1 - cc
         st = i_bh * (NC + 1) + c
         tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:
@@ -300,31 +335,33 @@ def _bwd_states(
         in_seq = t < S
         qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
         dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        bc = tl.load(b + i_bh * S_pad + t)
-        mt = tl.load(m_t + i_bh * S_pad + t)
-        denc = tl.load(den + i_bh * S_pad + t)
-        dqnc = tl.load(dqn + i_bh * S_pad + t)
-        m_c = tl.load(ms + st)
-        m_next = _safe(tl.load(ms + st + 1))
-        b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
+        bc = tl.load(b + i_bh * S_pad_b + t)
+        mt = tl.load(m_t + i_bh * S_pad + t, mask=in_seq, other=0.0)
+        denc = tl.load(den + i_bh * S_pad + t, mask=in_seq, other=1.0)
+        dqnc = tl.load(dqn + i_bh * S_pad + t, mask=in_seq, other=0.0)
+        m_row = ms + i_bh * (NCF + 1)
+        m_c = tl.load(m_row + tl.minimum(c * MS_STRIDE, NCF))
+        m_next = _safe(tl.load(m_row + tl.minimum((c + 1) * MS_STRIDE, NCF)))
+        b_last = tl.load(b + i_bh * S_pad_b + c * L + L - 1)
         a = tl.exp(bc + m_c - mt)
         qa = qc.to(tl.float32) * a[:, None]
         dnum = dhc.to(tl.float32) / denc[:, None]
         g = tl.exp(b_last + m_c - m_next)
         dC = dC * g + tl.dot(tl.trans(qa.to(qc.dtype)), dnum.to(qc.dtype), input_precision=PREC)
         dn = dn * g + tl.sum(qa * dqnc[:, None], 0)
-        dmc = tl.load(D + i_bh * NC + c) + tl.where(b_last + m_c >= tl.load(M + i_bh * NC + c), dmc, 0.0)
-    tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
-    if i_v == 0:
-        tl.store(dns + (i_bh * (NC + 1)) * DK + o_k, dn)
-        if i_k == 0:
-            tl.store(dms + i_bh * (NC + 1), dmc)
+        dmc = tl.load(D + i_bh * NC + c) + tl.load(A + i_bh * NC + c) * dmc
+    if seg == 0:
+        tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
+        if i_v == 0:
+            tl.store(dns + (i_bh * (NC + 1)) * DK + o_k, dn)
+            if i_k == 0:
+                tl.store(dms + i_bh * (NC + 1), dmc)
 
 
 @triton.autotune(CHUNK_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_chunk(
-    q, k, v, dh, b, ig, f_pre, M, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
+    q, k, v, dh, b, ig, f_pre, A, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key,
     dq, dk, dv, di, df,
     S, S_pad, NC, REP, NH, s_fb, s_fh, s_ft, BH_LOG2, NC_LOG2,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -363,7 +400,7 @@ def _bwd_chunk(
     # the stabiliser: m_t = b_t + (-b_s + ĩ_s, counted in dm_key, or m_c), and m_{c+1} = b_last + (m_c,
     # or -b_s + ĩ_s at the argmax of log_w): ∂L/∂m goes to b_t, b_last and those keys s (to_key)
     dm_next = tl.load(dms + st + 1)
-    from_next = tl.where(b_last + m_c < tl.load(M + i_bh * NC + c), dm_next, 0.0)  # as _bwd_states routes
+    from_next = tl.where(tl.load(A + i_bh * NC + c) == 0.0, dm_next, 0.0)
     to_key = tl.load(dm_key + i_bh * S_pad + t) + tl.where(o_t == tl.argmax(log_w, 0), from_next, 0.0)
     db_stab = tl.load(dm + i_bh * S_pad + t) - to_key + tl.where(o_t == L - 1, dm_next, 0.0)
 
@@ -542,23 +579,44 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dh = dh.contiguous()
         den, dqn, dm, dm_key = (torch.empty_like(m_t) for _ in range(4))
         D = torch.empty(BH, NC, device=q.device, dtype=torch.float32)
+        A = torch.empty_like(D)
         _bwd_prep[(NC, BH)](
-            h, dh, b, ig, ms, m_t, qn, den, dqn, dm, dm_key, D, S, S_pad, NC, eps, DV=DV, L=L, BV=min(32, DV)
+            h, dh, b, ig, M, ms, m_t, qn, den, dqn, dm, dm_key, D, A, S, S_pad, NC, eps, DV=DV, L=L, BV=min(32, DV)
         )
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
+        consts = dict(DK=DK, DV=DV, PREC=prec)
+        R = max(1, SUPER_CHUNK // L)
+        if NC > R > 1:
+            # as the forward: the reverse pass over chunks of R·L (their b recomputed, their m read from the
+            # fine pass's every R-th), then one program per coarse chunk fills in the fine gradients
+            NC2 = triton.cdiv(NC, R)
+            _, b2, _, _ = _gates(i_pre, f_pre, NH, S, R * L)
+            D2, A2 = torch.empty(BH, NC2, device=q.device, dtype=torch.float32), torch.empty(BH, NC2, device=q.device)
+            _coarse_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
+            dCs2 = torch.empty(BH, NC2 + 1, DK, DV, device=q.device, dtype=torch.float32)
+            dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
+            _bwd_states[_state_grid(DK, DV, BH)](
+                q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
+                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L, **consts,
+            )
+            _bwd_states[_state_grid(DK, DV, BH * NC2)](
+                q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
+                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L, **consts,
+            )
+        else:
+            _bwd_states[_state_grid(DK, DV, BH)](
+                q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
+                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts,
+            )
         buckets = _size_buckets(BH, NC)
-        _bwd_states[_state_grid(DK, DV, BH)](
-            q, dh, b, M, ms, m_t, den, dqn, D, dCs, dns, dms, S, S_pad, NC, *buckets,
-            DK=DK, DV=DV, L=L, PREC=prec,
-        )
         dq = torch.empty_like(q)
         dk = torch.empty(B, NH, S, DK, device=q.device, dtype=k.dtype)  # per query head
         dv = torch.empty(B, NH, S, DV, device=q.device, dtype=v.dtype)
         d_i = torch.empty(B, NH, S, device=q.device, dtype=i_pre.dtype)
         d_f = torch.empty(B, NH, S, device=q.device, dtype=f_pre.dtype)
         _bwd_chunk[(NC, BH)](
-            q, k, v, dh, b, ig, f_pre, M, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
+            q, k, v, dh, b, ig, f_pre, A, Cs, ns, ms, dCs, dns, dms, m_t, den, dqn, dm, dm_key, dq, dk, dv, d_i, d_f,
             S, S_pad, NC, REP, NH, *f_pre.stride(), *buckets,
             DK=DK, DV=DV, L=L, PREC=prec,
         )
