@@ -1,10 +1,12 @@
 """Benchmark the kernels against their anchors, on one GPU, in one run (bf16, median of do_bench).
 
 mLSTM: our Triton chunkwise (kernels/mlstm_chunkwise.py; autotuned, and pinned to its first launch
-candidates; two-level state pass, and "one_level" rows with the single-level pass before it) vs FLA
+candidates; "one_level" / "two_level" rows force either state pass, the plain rows take the shipped
+choice) vs FLA
 ``chunk_simple_gla`` (fla-core)
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
-(kernels/swa.py) vs SDPA causal. Anchors that fail are recorded with their error.
+(kernels/swa.py) vs our Triton window + sinks (kernels/swa_triton.py, autotuned; its forward's relative
+error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error.
 
     python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
@@ -22,6 +24,7 @@ import triton
 from xmerge.kernels import mlstm_chunkwise as mk
 from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton, pinned_launches
 from xmerge.kernels.swa import swa_attention
+from xmerge.kernels.swa_triton import swa_attention_triton
 from xmerge.modeling.mlstm import mlstm_chunkwise
 
 SHAPES = [(8, 9, 8192, 64), (1, 9, 65536, 64), (1, 32, 65536, 128)]
@@ -50,13 +53,14 @@ def mlstm_inputs(B, H, S, D, requires_grad=False):
 
 
 @contextmanager
-def one_level():
-    """The single-level state pass (before the two-level one), for comparison."""
-    saved, mk.SUPER_CHUNK = mk.SUPER_CHUNK, 0
+def levels(two: bool):
+    """Force one or two levels of state passes (the shipped choice depends on B·NH), for comparison."""
+    saved = mk.TWO_LEVEL_MAX_HEADS
+    mk.TWO_LEVEL_MAX_HEADS = 2**31 if two else 0
     try:
         yield
     finally:
-        mk.SUPER_CHUNK = saved
+        mk.TWO_LEVEL_MAX_HEADS = saved
 
 
 def fw_bw(fn, xs):
@@ -76,10 +80,11 @@ def bench_ours(B, H, S, D) -> dict:
         h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
         row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
     row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
-    with one_level():
-        with torch.no_grad():
-            row["ours_fw_one_level"] = ms(lambda: mlstm_chunkwise_triton(*xs))
-        row["ours_fwbw_one_level"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
+    for two, name in ((False, "one_level"), (True, "two_level")):
+        with levels(two):
+            with torch.no_grad():
+                row[f"ours_fw_{name}"] = ms(lambda: mlstm_chunkwise_triton(*xs))
+            row[f"ours_fwbw_{name}"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
     with torch.no_grad():
         row["ours_fw_c128"] = attempt(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))
     row["ours_fwbw_c128"] = attempt(fw_bw(lambda *a: mlstm_chunkwise_triton(*a, chunk_size=128)[0], xs), xs)
@@ -139,6 +144,14 @@ def bench_attention(B, H, S, D) -> dict:
         row["sdpa_fw"] = ms(lambda: F.scaled_dot_product_attention(*xs, is_causal=True))
     row["swa_fwbw"] = ms(fw_bw(lambda *a: swa_attention(*a, WINDOW, SINKS), xs), xs)
     row["sdpa_fwbw"] = ms(fw_bw(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), xs), xs)
+    with torch.no_grad():
+        row["swa_triton_fw"] = attempt(lambda: swa_attention_triton(*xs, WINDOW, SINKS))
+        try:
+            o, o_flex = swa_attention_triton(*xs, WINDOW, SINKS).float(), swa_attention(*xs, WINDOW, SINKS).float()
+            row["swa_triton_relerr_vs_flex"] = ((o - o_flex).norm() / o_flex.norm()).item()
+        except Exception as e:  # a failing kernel is a result, not a crash
+            row["swa_triton_relerr_vs_flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    row["swa_triton_fwbw"] = attempt(fw_bw(lambda *a: swa_attention_triton(*a, WINDOW, SINKS), xs), xs)
     return row
 
 

@@ -10,10 +10,10 @@ Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forw
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
 chunk for its outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for
-the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃. Past SUPER_CHUNK tokens
-both sequential passes walk chunks of SUPER_CHUNK tokens and one program per such chunk then fills in
-the finer chunks' states (or state gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent
-steps, for two more launches each way.
+the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃. With few heads
+(B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes walk chunks of
+SUPER_CHUNK tokens and one program per such chunk then fills in the finer chunks' states (or state
+gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent steps, for two more launches each way.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
@@ -91,9 +91,12 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
-# The forward walks the sequence in chunks of this many tokens, then fills in the states of the finer
-# chunks in parallel (a sequential pass of 1,024 dependent steps bounded the 64K forward). 0: one level.
+# With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes walk chunks of SUPER_CHUNK tokens,
+# then fill in the finer chunks in parallel (0: one level). Measured on an H200 (bf16, D = 64,
+# benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
+# with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
+TWO_LEVEL_MAX_HEADS = 16
 
 
 @triton.jit
@@ -476,6 +479,11 @@ def _gates(i_pre, f_pre, NH: int, S: int, L: int):
     return ig, b, wk, M
 
 
+def _coarse_ratio(batch_heads: int, L: int) -> int:
+    """Chunks per coarse chunk of the two-level state passes; 1: one level."""
+    return max(1, SUPER_CHUNK // L) if batch_heads <= TWO_LEVEL_MAX_HEADS else 1
+
+
 def _size_buckets(batch_heads: int, chunks: int) -> tuple[int, int]:
     # the tuning key's BH_LOG2, NC_LOG2: the kernels never read them
     return batch_heads.bit_length(), chunks.bit_length()
@@ -529,7 +537,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         m_last = torch.empty(B, NH, device=dev, dtype=f32)
         final = (C_last, n_last, m_last)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = max(1, SUPER_CHUNK // L)
+        R = _coarse_ratio(BH, L)
         if NC > R > 1:
             # the sequential pass walks chunks of R·L, R times fewer steps; one program per coarse chunk
             # then fills in the states between. Max-plus composition is associative, so the fine m
@@ -586,7 +594,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = max(1, SUPER_CHUNK // L)
+        R = _coarse_ratio(BH, L)
         if NC > R > 1:
             # as the forward: the reverse pass over chunks of R·L (their b recomputed, their m read from the
             # fine pass's every R-th), then one program per coarse chunk fills in the fine gradients
