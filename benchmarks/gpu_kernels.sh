@@ -2,13 +2,15 @@
 # Issue 7 on one GPU, one step per device call (each fits the 10-minute limit of one call):
 #
 #   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers)
-#   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / SDPA (~7.5 min)
+#   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / Flex / SDPA (>7.5 min:
+#                                        # PARTS=ours,fla SHAPES="8,9,8192,64 1,9,65536,64" splits it)
 #   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student
 #                                        # vs the teacher (5.5 min before the two newer prefill variants)
 #
-# The times are those of the H200 run of 2026-12-01 (benchmarks/RESULTS-gpu.md), most of them Triton
-# autotuning and compiling on first use. There the tests outran 8 minutes (81 passed, ~13 not reached)
-# while every test autotuned its own shapes; they now pin one launch per kernel (tests/conftest.py).
+# The times are those of the H200 runs of 2026-12-01/02 (benchmarks/RESULTS-*.md), most of them Triton
+# autotuning and compiling on first use. The tests pin one launch per kernel (tests/conftest.py); with
+# that, test_kernels.py, test_gpu_decode.py, test_gpu_student.py and test_gpu_evals.py took 125 s with 8
+# workers, and the SWA kernel's tests (autotune test aside) ran within a 230 s call beside a part of them.
 # Needs torch+triton with CUDA, pytest-xdist for `tests`, the teacher file for `student`, fla-core /
 # mlstm_kernels importable for their anchor rows (missing anchors are recorded as errors, not fatal).
 # Results go to OUT_DIR as each part finishes.
@@ -22,12 +24,17 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 case ${1:-} in
   tests)
     python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=15 tests/test_kernels.py \
-      tests/test_gpu_decode.py tests/test_gpu_student.py tests/test_gpu_evals.py 2>&1 | tee "$OUT_DIR/gpu-tests.txt" ;;
+      tests/test_kernels_swa.py tests/test_gpu_decode.py tests/test_gpu_student.py tests/test_gpu_evals.py 2>&1 \
+      | tee "$OUT_DIR/gpu-tests.txt" ;;
   kernels)
-    python3 benchmarks/kernels_mlstm.py --out "$OUT_DIR/kernels.json" 2>&1 | tee "$OUT_DIR/kernels.log" ;;
+    shapes=()
+    for shape in ${SHAPES:-}; do shapes+=(--shape "$shape"); done
+    python3 benchmarks/kernels_mlstm.py --parts "${PARTS:-ours,fla,xl,attention}" ${shapes[@]+"${shapes[@]}"} \
+      --out "$OUT_DIR/kernels.json" 2>&1 | tee "$OUT_DIR/kernels.log" ;;
   student)
     python3 benchmarks/gpu_student.py --teacher "${TEACHER:?set TEACHER to the teacher spec}" --hbm-tb-s "$HBM_TB_S" \
       --decode 8x32768,1x4096,8x4096,32x32768 --teacher-compiled 8x32768,1x4096 --memory-steps 256 \
+      --profile-decode 1x4096 \
       --budget-s "${STUDENT_BUDGET_S:-360}" --out "$OUT_DIR/student.json" 2>&1 | tee "$OUT_DIR/student.log" ;;
   *)
     echo "usage: $0 tests|kernels|student" >&2; exit 2 ;;

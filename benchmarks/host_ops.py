@@ -3,7 +3,7 @@
 On a GPU every eager PyTorch operator costs host time (dispatch, and a launch for the ones that compute),
 so a prefill or a training step whose GPU work is small is bound by this count. The count is the same on
 any device, so this runs on CPU: the student is routed to its CUDA path (``modeling/dispatch``) with the
-two kernels replaced by uncounted stand-ins (a Triton launch or a compiled FlexAttention call is not an
+two kernels replaced by uncounted stand-ins (a Triton launch is not an
 aten operator: each adds its own launch cost on top of the count). Counted: a fresh prefill with a cache
 (the time to first token) and a training step (forward and backward of a loss on the logits). Views are
 counted apart: they dispatch but launch nothing. Host time: a 30-layer model of tiny width, so that the
@@ -85,9 +85,10 @@ def kernel_stand_ins() -> None:
         return h, final
 
     mlstm.mlstm_chunkwise_triton = mlstm_chunkwise_triton
-    swa = types.ModuleType("xmerge.kernels.swa")
-    swa.swa_attention = lambda q, k, v, window, sinks: _Kernel.apply(q.shape, q.dtype, q, k, v)
-    sys.modules.update({mlstm.__name__: mlstm, swa.__name__: swa})
+    swa, swa_triton = types.ModuleType("xmerge.kernels.swa"), types.ModuleType("xmerge.kernels.swa_triton")
+    swa.swa_attention = swa_triton.swa_attention_triton = (
+        lambda q, k, v, window, sinks: _Kernel.apply(q.shape, q.dtype, q, k, v))
+    sys.modules.update({module.__name__: module for module in (mlstm, swa, swa_triton)})
 
 
 def prefill(model, ids) -> None:
@@ -154,7 +155,8 @@ def main() -> None:
         (t_ops, t_views), (s_ops, s_views) = counts[name, "teacher"], counts[name, "student"]
         print(f"| {name}: operators | {t_ops:.0f} | {s_ops:.0f} | {s_ops / t_ops:.2f}× |")
         print(f"| {name}: views | {t_views:.0f} | {s_views:.0f} | {s_views / t_views:.2f}× |")
-    print("| kernel launches (not aten operators) | SDPA, counted above | 3 Triton + 1 FlexAttention each way | |")
+    print("| Triton launches (not aten operators) | SDPA, counted above | mLSTM 3 (5 at two levels) + SWA 1 forward, "
+          "mLSTM 3 (6) + SWA 3-4 backward | |")
 
     torch.set_num_threads(1)
     deep_teacher, deep_student = teacher(30), student(30)

@@ -57,6 +57,13 @@ def _log_sigmoid(x):
     return tl.minimum(x, 0.0) - tl.where(tiny, y, tl.log(u) * (y / tl.where(tiny, 1.0, u - 1.0)))
 
 
+@triton.jit
+def _state_row(C, n, m, row, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr):
+    """Row ``row`` of flat (C, n, m) rows, or of their gradients: fp32 tiles (BK, BV), (BK,) and a scalar."""
+    C_tile = tl.load(C + row * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
+    return C_tile, tl.load(n + row * DK + o_k).to(tl.float32), tl.load(m + row).to(tl.float32)
+
+
 def _fit_blocks(configs, named_args, **kwargs):
     """The candidates with blocks no wider than the head dims (DK, DV), duplicates dropped."""
     dims = {**named_args, **kwargs}
@@ -151,10 +158,7 @@ def _fwd_states(
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
     if HAS_INIT:
-        row = i_bh * INIT_STRIDE + seg
-        C = tl.load(C0 + row * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
-        n = tl.load(n0 + row * DK + o_k).to(tl.float32)
-        m = tl.load(m0 + row).to(tl.float32)
+        C, n, m = _state_row(C0, n0, m0, i_bh * INIT_STRIDE + seg, o_k, o_v, DK, DV)
     else:
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
@@ -316,10 +320,7 @@ def _bwd_states(
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, L)
     if HAS_END:
-        row = i_bh * END_STRIDE + seg + 1
-        dC = tl.load(dC_end + row * DK * DV + o_k[:, None] * DV + o_v[None, :]).to(tl.float32)
-        dn = tl.load(dn_end + row * DK + o_k).to(tl.float32)
-        dmc = tl.load(dm_end + row).to(tl.float32)
+        dC, dn, dmc = _state_row(dC_end, dn_end, dm_end, i_bh * END_STRIDE + seg + 1, o_k, o_v, DK, DV)
     else:
         dC = tl.zeros([BK, BV], dtype=tl.float32)
         dn = tl.zeros([BK], dtype=tl.float32)

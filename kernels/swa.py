@@ -5,8 +5,9 @@ positions plus the first ``sinks`` positions, one softmax over their union (a si
 the window counts once). Scale 1/sqrt(D); grouped-query attention when H > Hkv.
 
 FlexAttention skips every fully masked block, so its cost grows with S·(window + sinks) rather
-than S²: 3-24× faster than causal SDPA on the H100 (benchmarks/RESULTS-kernels.md). An own
-Triton kernel has not been written or measured against it yet.
+than S²: 3-24× faster than causal SDPA on the H100 (benchmarks/RESULTS-kernels.md). The own Triton
+kernel (kernels/swa_triton.py) measured faster still and serves power-of-two head dims up to 128;
+this one serves the other head dims and is the Triton kernel's anchor in tests and benchmarks.
 """
 
 from __future__ import annotations

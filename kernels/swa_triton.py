@@ -72,13 +72,19 @@ def _key_spans(m0, window, sinks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(k_ptr, v_ptr, n, S, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key positions n..n+BLOCK_N and their key and value rows (zeros past S)."""
+    s, offs_d = n + tl.arange(0, BLOCK_N), tl.arange(0, D)
+    kb = tl.load(k_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
+    vb = tl.load(v_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
+    return s, kb, vb
+
+
+@triton.jit
 def _fwd_span(acc, l_i, m_i, q, k_ptr, v_ptr, lo, hi, t, S, window, sinks, qk_scale,
               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
     for n in range(lo, hi, BLOCK_N):
-        s = n + offs_n
-        kb = tl.load(k_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
-        vb = tl.load(v_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
+        s, kb, vb = _kv_block(k_ptr, v_ptr, n, S, D, BLOCK_N)
         qk = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
         if MASKED:
             qk = tl.where(_visible(t[:, None], s[None, :], window, sinks), qk, float("-inf"))
@@ -134,11 +140,8 @@ def _delta(O, DO, DELTA, rows, D: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _dq_span(dq, q, do, lse, delta, k_ptr, v_ptr, lo, hi, t, S, window, sinks, qk_scale,
              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
     for n in range(lo, hi, BLOCK_N):
-        s = n + offs_n
-        kb = tl.load(k_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
-        vb = tl.load(v_ptr + s[:, None] * D + offs_d[None, :], mask=s[:, None] < S, other=0.0)
+        s, kb, vb = _kv_block(k_ptr, v_ptr, n, S, D, BLOCK_N)
         p = tl.exp2(tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(t[:, None], s[None, :], window, sinks), p, 0.0)

@@ -5,7 +5,10 @@
   The kernel takes q, k, v in the model's dtype and returns h in it (``mlstm_dtype`` tells the
   caller which dtype to build them in, so nothing is copied to fp32 and back).
 * SWA over new tokens that start the sequence (no cache yet or an empty one, no left padding):
-  ``xmerge.kernels.swa.swa_attention`` (FlexAttention). Decode steps, later prefill chunks and
+  ``xmerge.kernels.swa_triton.swa_attention_triton`` for power-of-two head dims 16..128, else
+  ``xmerge.kernels.swa.swa_attention`` (FlexAttention). The Triton kernel measured 1.2-1.3× Flex's
+  forward and 1.4-2.6× its fw+bw on an H200 (benchmarks/RESULTS-kernels.md) and compiles once per
+  head dim and window rather than once per sequence length. Decode steps, later prefill chunks and
   left-padded batches keep the reference, which reads the cache's ring and sink buffers.
 
 Under ``torch.autocast`` the kernels run in the autocast dtype (the reference's matmuls do too);
@@ -150,11 +153,15 @@ def swa_forward(
     None without a cache (the sinks are then taken from the new tokens).
     """
     if fresh and kernels_enabled(q):
-        from xmerge.kernels.swa import swa_attention
+        D = q.shape[-1]
+        if _pow2_at_least_16(D) and D <= 128:
+            from xmerge.kernels.swa_triton import swa_attention_triton as attend
+        else:
+            from xmerge.kernels.swa import swa_attention as attend
 
         dtype = _kernel_dtype(q)
         with torch.autocast("cuda", enabled=False):
-            return swa_attention(q.to(dtype), k.to(dtype), v.to(dtype), window, sinks)
+            return attend(q.to(dtype), k.to(dtype), v.to(dtype), window, sinks)
     if layer is None:
         sink_k, sink_v, sink_pos = gather_sinks(k, v, start, sinks, positions[0])
         return blocked_window_sink_attention(q, k, v, positions, sink_k, sink_v, sink_pos, start=start, window=window)

@@ -17,16 +17,17 @@ def real_teacher():
 
 
 @pytest.fixture(autouse=True)
-def one_mlstm_launch_per_kernel(request):
-    """On a GPU, each Triton mLSTM kernel launches one fixed candidate (the first, with the narrowest
-    blocks, valid at every head dim), untimed: autotuning compiles and times every candidate for each new
-    shape, and nearly every test has new shapes (with tuning, the GPU tests outran an 8-minute call on an
-    H200). test_kernels.py checks every candidate on its own; tests marked ``autotune`` tune."""
+def one_launch_per_kernel(request):
+    """On a GPU, each autotuned Triton kernel (mLSTM, SWA) launches one fixed candidate (the first: for
+    the mLSTM the narrowest blocks, valid at every head dim; for the SWA sized for fp32 at D=128),
+    untimed: autotuning compiles and times every candidate for each new shape, and nearly every test has
+    new shapes (with tuning, the GPU tests outran an 8-minute call on an H200). test_kernels.py and
+    test_kernels_swa.py check every candidate on its own; tests marked ``autotune`` tune."""
     if (not torch.cuda.is_available() or importlib.util.find_spec("triton") is None
             or request.node.get_closest_marker("autotune")):
         yield
         return
-    from xmerge.kernels.mlstm_chunkwise import pinned_launches
+    from xmerge.kernels import mlstm_chunkwise, swa_triton
 
-    with pinned_launches(0, DK=16, DV=16):
+    with mlstm_chunkwise.pinned_launches(0, DK=16, DV=16), swa_triton.pinned_launches(0):
         yield

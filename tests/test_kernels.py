@@ -16,7 +16,7 @@ import torch
 from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from xmerge.kernels import mlstm_chunkwise as mk  # noqa: E402
 from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton  # noqa: E402
@@ -238,13 +238,22 @@ def test_mlstm_stabiliser_gradient_through_the_chunk_chain_and_initial_state():
     assert all(e < TOL[torch.float32] for e in errs.values()), errs
 
 
-# 4 chunks; 19 chunks: both state passes at two levels (R = 16), in bf16: at 256-token coarse chunks
-# five of the eight candidates need more shared memory than an H200 has in fp32 (autotuning skips those)
-@pytest.mark.parametrize("S,dtype", [(53, torch.float32), (300, torch.bfloat16)])
+def state_pass_fits(config, L: int, dtype: torch.dtype) -> bool:
+    """Whether a state-pass candidate's pipelined tiles fit in shared memory: num_stages copies of the
+    (L, BK) and (L, BV) input tiles. On an H200 this predicted which candidates ran out of shared memory
+    at 256-token chunks (8 of 8 in fp32, 8 of 8 in bf16)."""
+    limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
+    blocks = config.kwargs["BK"] + config.kwargs["BV"]
+    return config.num_stages * L * blocks * torch.finfo(dtype).bits // 8 <= limit
+
+
+# 4 chunks; 19 chunks: both state passes at two levels (R = 16), the coarse ones over 256-token chunks
+@pytest.mark.parametrize("S,dtype", [(53, torch.float32), (300, torch.float32), (300, torch.bfloat16)])
 @pytest.mark.parametrize("index", range(max(len(configs) for configs in mk.TUNED.values())))
 def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     """Candidate ``index`` of every autotuned kernel (shorter lists wrap around), pinned: outputs and all
-    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state.
+    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state. A candidate whose
+    coarse state pass cannot fit in shared memory must fail with OutOfResources, which autotuning skips.
     DK=64, DV=128 keep every candidate's blocks unclipped."""
     B, NH, NKV, DK, DV, L = 1, 4, 2, 64, 128, 16
     q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, DK, DV, dtype, seed=16)
@@ -258,6 +267,11 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     xs = leaves([q, k, v, i_pre, f_pre])
     refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
     assert all(len(mk._fit_blocks(c, {}, DK=DK, DV=DV)) == len(c) for c in mk.TUNED.values())
+    state_config = mk.STATE_CONFIGS[index % len(mk.STATE_CONFIGS)]
+    if -(-S // L) > mk.SUPER_CHUNK // L and not state_pass_fits(state_config, mk.SUPER_CHUNK, dtype):
+        with mk.pinned_launches(index, DK, DV), pytest.raises(triton.runtime.errors.OutOfResources):
+            mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)[0].sum().backward()
+        return
     with mk.pinned_launches(index, DK, DV) as configs:
         h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
         rep = NH // NKV

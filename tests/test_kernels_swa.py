@@ -34,17 +34,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def first_launch(request):
-    """One fixed launch per kernel (the first candidates, sized for fp32 at D=128), untimed: tuning
-    compiles and times every candidate per (D, window). Tests marked ``autotune`` tune."""
-    if request.node.get_closest_marker("autotune"):
-        yield
-        return
-    with st.pinned_launches(0):
-        yield
-
-
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 

@@ -137,7 +137,7 @@ def use_stand_ins(monkeypatch) -> _Kernels:
     stand_ins = _Kernels()
     monkeypatch.setattr(dispatch, "kernels_enabled", lambda x: True)
     for name, attr, fn in (("mlstm_chunkwise", "mlstm_chunkwise_triton", stand_ins.mlstm),
-                           ("swa", "swa_attention", stand_ins.swa)):
+                           ("swa", "swa_attention", stand_ins.swa), ("swa_triton", "swa_attention_triton", stand_ins.swa)):
         module = types.ModuleType(f"xmerge.kernels.{name}")
         setattr(module, attr, fn)
         monkeypatch.setitem(sys.modules, f"xmerge.kernels.{name}", module)
