@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+MAX_ROWS = 65535  # B·H: the second grid dimension (queries, keys or sink chunks run along the first)
 SINK_BLOCK_M = 64  # query block of _dkv_sinks
 SINK_CHUNK = 1024  # queries per _dkv_sinks program: about the query span of a dK/dV program at window 512
 
@@ -342,12 +343,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks
         )
     if window < 1 or sinks < 0:
         raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window} sinks={sinks}")
-    if D < 16 or D > 128 or D & (D - 1):
-        raise ValueError(f"D={D}: the Triton SWA needs a power-of-two head dim in 16..128")
+    if not takes(q):
+        raise ValueError(f"B·H={B * H}, D={D}: the Triton SWA needs B·H <= {MAX_ROWS} (its grid) and a power-of-two "
+                         "head dim in 16..128")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must share one of fp32, fp16, bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("swa_attention_triton needs CUDA tensors; use kernels.swa.swa_attention on CPU")
+
+
+def takes(q: torch.Tensor) -> bool:
+    """Whether the kernel takes queries q (B, H, S, D): B·H within its grid, a power-of-two D in 16..128."""
+    B, H, _, D = q.shape
+    return B * H <= MAX_ROWS and 16 <= D <= 128 and D & (D - 1) == 0
 
 
 def swa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int) -> torch.Tensor:

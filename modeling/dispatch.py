@@ -5,8 +5,8 @@
   The kernel takes q, k, v in the model's dtype and returns h in it (``mlstm_dtype`` tells the
   caller which dtype to build them in, so nothing is copied to fp32 and back).
 * SWA over new tokens that start the sequence (no cache yet or an empty one, no left padding):
-  ``xmerge.kernels.swa_triton.swa_attention_triton`` for power-of-two head dims 16..128, else
-  ``xmerge.kernels.swa.swa_attention`` (FlexAttention). The Triton kernel measured 1.2-1.3× Flex's
+  ``xmerge.kernels.swa_triton.swa_attention_triton`` where it takes the shapes (power-of-two head dims
+  16..128, B·H within its grid), else ``xmerge.kernels.swa.swa_attention`` (FlexAttention). The Triton kernel measured 1.2-1.3× Flex's
   forward and 1.4-2.6× its fw+bw on an H200 (benchmarks/RESULTS-kernels.md) and compiles once per
   head dim and window rather than once per sequence length. Decode steps, later prefill chunks and
   left-padded batches keep the reference, which reads the cache's ring and sink buffers.
@@ -153,9 +153,10 @@ def swa_forward(
     None without a cache (the sinks are then taken from the new tokens).
     """
     if fresh and kernels_enabled(q):
-        D = q.shape[-1]
-        if _pow2_at_least_16(D) and D <= 128:
-            from xmerge.kernels.swa_triton import swa_attention_triton as attend
+        from xmerge.kernels.swa_triton import swa_attention_triton, takes
+
+        if takes(q):
+            attend = swa_attention_triton
         else:
             from xmerge.kernels.swa import swa_attention as attend
 
