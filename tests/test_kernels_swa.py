@@ -119,3 +119,7 @@ def test_swa_triton_rejects_bad_inputs():
         swa_attention_triton(q48, q48, q48, 8, 4)
     with pytest.raises(ValueError, match="must share"):
         swa_attention_triton(q, k.bfloat16(), k, 8, 4)
+    wide = torch.randn(1, st.MAX_ROWS + 1, 2, 16, device="cuda")  # more rows than the grid holds
+    assert st.takes(q) and not st.takes(wide) and not st.takes(q48)
+    with pytest.raises(ValueError, match=f"B·H={st.MAX_ROWS + 1}"):
+        swa_attention_triton(wide, wide, wide, 8, 4)
