@@ -78,19 +78,30 @@ def compiled_region(method):
 
     For methods ``(self, x, ...)`` whose first tensor ``x`` is (B, T, ...) and whose bodies hold no kernel
     call, cache write or host read. One compiled function serves every layer (modules are inputs to it,
-    not constants) and every batch and length.
+    not constants) and every batch and length. If compiling fails under ``auto``, which nobody asked for
+    by name, the region logs a warning and runs eagerly from then on (the body is pure, so rerunning it
+    is safe); under ``XMERGE_COMPILE=1`` the error is raised.
     """
     compiled = None
+    failed = False
 
     @functools.wraps(method)
     def run(module, x, *args, **kwargs):
-        nonlocal compiled
-        if not compile_wanted(x):
+        nonlocal compiled, failed
+        if failed or not compile_wanted(x):
             return method(module, x, *args, **kwargs)
         if compiled is None:
             log.info("compiling %s for long inputs (once per process)", method.__qualname__)
             compiled = torch.compile(method, dynamic=True)
-        return compiled(module, x, *args, **kwargs)
+        try:
+            return compiled(module, x, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if os.environ.get("XMERGE_COMPILE", "auto") == "1":
+                raise
+            log.warning("compiling %s failed, it runs eagerly from now on (%s: %s)", method.__qualname__,
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            failed = True
+            return method(module, x, *args, **kwargs)
 
     return run
 

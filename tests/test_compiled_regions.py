@@ -77,3 +77,32 @@ def test_auto_mode_leaves_cpu_eager_and_bad_modes_raise(monkeypatch):
     monkeypatch.setenv("XMERGE_COMPILE", "yes")
     with pytest.raises(ValueError, match="XMERGE_COMPILE='yes'"):
         compile_wanted(torch.empty(1, 3, 4))
+
+
+def test_auto_mode_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    """Under auto a failed compile is logged and the region runs eagerly from then on; XMERGE_COMPILE=1
+    raises it."""
+    from xmerge.modeling import dispatch
+
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            raise torch._dynamo.exc.InternalTorchDynamoError("backend exploded")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(dispatch, "compile_wanted", lambda x: True)
+    double = dispatch.compiled_region(lambda module, x: 2 * x)
+    x = torch.ones(1, 3, 4)
+    monkeypatch.delenv("XMERGE_COMPILE", raising=False)
+    with caplog.at_level("WARNING", logger="xmerge.modeling.dispatch"):
+        assert torch.equal(double(None, x), 2 * x)
+    assert "runs eagerly from now on" in caplog.text and "backend exploded" in caplog.text
+    assert torch.equal(double(None, x), 2 * x) and calls == [1]  # not tried again
+    strict = dispatch.compiled_region(lambda module, x: 2 * x)
+    monkeypatch.setenv("XMERGE_COMPILE", "1")
+    with pytest.raises(torch._dynamo.exc.InternalTorchDynamoError):
+        strict(None, x)
