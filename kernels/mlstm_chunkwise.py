@@ -601,7 +601,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
             # fine pass's every R-th), then one program per coarse chunk fills in the fine gradients
             NC2 = triton.cdiv(NC, R)
             _, b2, _, _ = _gates(i_pre, f_pre, NH, S, R * L)
-            D2, A2 = torch.empty(BH, NC2, device=q.device, dtype=torch.float32), torch.empty(BH, NC2, device=q.device)
+            D2 = torch.empty(BH, NC2, device=q.device, dtype=torch.float32)
+            A2 = torch.empty_like(D2)
             _coarse_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
             dCs2 = torch.empty(BH, NC2 + 1, DK, DV, device=q.device, dtype=torch.float32)
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)

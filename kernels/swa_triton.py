@@ -19,10 +19,10 @@ O(S · (window + sinks)).
   blocks in reach of its window, summing in registers (no atomics, deterministic).
 * Sinks in the backward: a sink key is seen by every later query, so the program of the sink key
   block would take REP·S/BLOCK_M steps while all others take REP·(window + BLOCK_N)/BLOCK_M; at 64K
-  with grouped heads that one program could outlast the rest of the grid (estimate, not measured). So the dK/dV pass counts only the window part of
-  the mask (s <= t, t - s < window), and _dkv_sinks the disjoint rest (s < sinks, t - s >= window)
-  in parallel query chunks; their fp32 partial sums, reduced over chunks and the group's heads,
-  seed the sink keys' dK/dV accumulators.
+  with grouped heads that one program could outlast the rest of the grid (estimate, not measured).
+  So the dK/dV pass counts only the window part of the mask (s <= t, t - s < window), and _dkv_sinks
+  the disjoint rest (s < sinks, t - s >= window) in parallel query chunks; their fp32 partial sums,
+  reduced over chunks and the group's heads, seed the sink keys' dK/dV accumulators.
 """
 
 from __future__ import annotations

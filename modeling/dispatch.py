@@ -6,9 +6,10 @@
   caller which dtype to build them in, so nothing is copied to fp32 and back).
 * SWA over new tokens that start the sequence (no cache yet or an empty one, no left padding):
   ``xmerge.kernels.swa_triton.swa_attention_triton`` where it takes the shapes (power-of-two head dims
-  16..128, B·H within its grid), else ``xmerge.kernels.swa.swa_attention`` (FlexAttention). The Triton kernel measured 1.2-1.3× Flex's
-  forward and 1.4-2.6× its fw+bw on an H200 (benchmarks/RESULTS-kernels.md) and compiles once per
-  head dim and window rather than once per sequence length. Decode steps, later prefill chunks and
+  16..128, B·H within its grid), else ``xmerge.kernels.swa.swa_attention`` (FlexAttention). The
+  Triton kernel measured 1.2-1.3× Flex's forward and 1.4-2.6× its fw+bw on an H200
+  (benchmarks/RESULTS-kernels.md) and compiles once per head dim and window rather than once per
+  sequence length. Decode steps, later prefill chunks and
   left-padded batches keep the reference, which reads the cache's ring and sink buffers.
 
 Under ``torch.autocast`` the kernels run in the autocast dtype (the reference's matmuls do too);
