@@ -6,15 +6,13 @@ sink buffers), so the step can be captured once
 and replayed: ``decode_step`` is the student's layer forward for one token with the position held
 in a device tensor and no host syncs; it reuses the student's own modules and branch functions.
 
-Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0), 5 launches per layer of a
-pre-norm teacher (Llama, Qwen2), each a Triton kernel: RMSNorm + the concatenated q/k/v/igate/fgate
-projections (kernels/decode_rowwise.fused_linear), the fused attention kernel (kernels/decode_step.py:
-RoPE, feature maps, mLSTM step, window+sink attention, output gate, ring write), o_proj + residual add,
-RMSNorm + the concatenated gate/up projections, SiLU(gate)·up + down_proj + residual add. Olmo2 normalises
-after its blocks, a whole output row, so its products stay GEMMs: one for q/k/v/gates, its two QK-norms,
-the attention kernel, o_proj, hidden + RMSNorm(delta), gate/up, SiLU(gate)·up, down_proj, hidden +
-RMSNorm(delta) (10). The projections are packed once by ``pack_projections``. Elsewhere the pure-PyTorch
-step below, which the fast path is tested against.
+Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0), 8 launches per layer of a
+pre-norm teacher (Llama, Qwen2): residual add + RMSNorm (kernels/decode_rowwise.py), one GEMM for the
+concatenated q/k/v/igate/fgate projections, the fused attention kernel (kernels/decode_step.py: RoPE,
+feature maps, mLSTM step, window+sink attention, output gate, ring write), o_proj, residual add +
+RMSNorm, one GEMM for the concatenated gate/up projections, SiLU(gate)·up, down_proj. Olmo2 adds its
+two QK-norms and does hidden + RMSNorm(delta) in one launch each (10). The projections are packed once
+by ``pack_projections``. Elsewhere the pure-PyTorch step below, which the fast path is tested against.
 
 Precondition: the prefill saw every sink of every row (at least ``sinks`` real prompt tokens),
 so a decode step never writes a sink.
@@ -40,14 +38,11 @@ class PackedLayer:
     """One layer's projections for the fused step, stacked and cast once to the compute dtype.
 
     qkv: [q; k; v; ĩ; f̃], weight (N, d), bias (N,), N = (H + 2·Hkv)·D + 2H (a projection without bias
-    contributes zeros); gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias); o and
-    down: o_proj and down_proj (the layer's own tensors where already in the compute dtype).
+    contributes zeros); gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias).
     """
 
     qkv: Packed
     gate_up: Packed
-    o: Packed
-    down: Packed
 
 
 def fused_step_takes(model, x: torch.Tensor) -> bool:
@@ -56,17 +51,11 @@ def fused_step_takes(model, x: torch.Tensor) -> bool:
     return D >= 16 and D & (D - 1) == 0 and kernels_enabled(x)
 
 
-def _cast(linear: torch.nn.Linear, dtype: torch.dtype) -> Packed:
-    bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
-    return linear.weight.detach().to(dtype), bias  # no copy where the dtype is already ``dtype``
-
-
 def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
-    """Per layer, the packed q/k/v/igate/fgate and gate/up projections and o_proj, down_proj in ``dtype``.
+    """Per layer, the packed q/k/v/igate/fgate and gate/up projections in ``dtype``.
 
-    Memory: a second copy of the packed weights, (N + 2I)·d elements of ``dtype`` per layer (SmolLM2-135M
-    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside its ~270 MB of weights); o_proj and
-    down_proj are copied only when cast.
+    Memory: a second copy of those weights, (N + 2I)·d elements of ``dtype`` per layer (SmolLM2-135M
+    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside its ~270 MB of weights).
     """
     packed = []
     for layer in model.model.layers:
@@ -81,32 +70,30 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
         packed.append(PackedLayer(
             qkv=(torch.cat([p.weight.detach() for p in parts]).to(dtype), qkv_bias.to(dtype)),
             gate_up=(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]).to(dtype), mlp_bias),
-            o=_cast(attn.o_proj, dtype),
-            down=_cast(mlp.down_proj, dtype),
         ))
     return packed
 
 
-def fused_mlp(mlp, x: torch.Tensor, gate_up: Packed, down: Packed, silu: bool) -> torch.Tensor:
+def fused_mlp(mlp, x: torch.Tensor, gate_up: Packed, silu: bool) -> torch.Tensor:
     """The MLP's output (B, d) for x (B, d): one GEMM for [gate; up], act(gate)·up in one Triton kernel
     where ``silu`` (else the module's own activation in torch), then down_proj."""
     projected = F.linear(x, *gate_up)  # (B, 2I)
     if silu:
         from xmerge.kernels.decode_rowwise import silu_mul
 
-        return F.linear(silu_mul(projected), *down)
+        return mlp.down_proj(silu_mul(projected))
     gate, up = projected.chunk(2, dim=-1)
-    return F.linear(mlp.act(gate) * up, *down)
+    return mlp.down_proj(mlp.act(gate) * up)
 
 
-def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache) -> torch.Tensor:
-    """h (B, H, D) of one token from its raw projections proj (B, N) = [q; k; v; ĩ; f̃] through the fused
-    kernel; updates lc's state and ring in place."""
+def _fused_attention(attn, x, cos, sin, slot, start, lc: LayerCache, qkv: Packed) -> torch.Tensor:
+    """h (B, H, D) of one token x (B, d) through the fused kernel; updates lc's state and ring in place."""
     from xmerge.kernels.decode_rowwise import rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
     if not all(t.is_contiguous() for t in lc.mlstm):  # the kernel updates the state in place
         lc.mlstm = tuple(t.contiguous() for t in lc.mlstm)
+    proj = F.linear(x, *qkv)  # (B, N) raw [q; k; v; ĩ; f̃]
     qd, kd = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
     q, k = proj[:, :qd], proj[:, qd : qd + kd]
     config = attn.config
@@ -123,32 +110,30 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache) -> torch
 
 def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer]) -> torch.Tensor:
     """The final norm's output (B, d) for embeddings hidden (B, d) through every layer on the fast path."""
-    from xmerge.kernels.decode_rowwise import add_normed, fused_linear, rms_norm
+    from xmerge.kernels.decode_rowwise import add_normed, add_rms_norm, rms_norm
 
     inner = model.model
+    layers = inner.layers
     silu = model.config.hidden_act in SILU_ACTS
     cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
-    B = hidden.shape[0]
-    for layer, lc, pack in zip(inner.layers, cache.layers, packed):
-        attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-        if layer.post_norm:  # Olmo2: hidden + RMSNorm(attn); hidden + RMSNorm(mlp(hidden))
-            h = _fused_attention(attn, F.linear(hidden, *pack.qkv), cos, sin, slot, start, lc)
-            hidden = add_normed(hidden, F.linear(h.view(B, -1), *pack.o), norm.weight, norm.eps)
+    post_norm = layers[0].post_norm
+    x = hidden if post_norm else rms_norm(hidden, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+    for i, (layer, lc, pack) in enumerate(zip(layers, cache.layers, packed)):
+        attn = layer.self_attn
+        h = _fused_attention(attn, x, cos, sin, slot, start, lc, pack.qkv)
+        attn_out = attn.o_proj(h.view(h.shape[0], -1))
+        norm = layer.post_attention_layernorm
+        if post_norm:  # Olmo2: hidden + RMSNorm(attn); hidden + RMSNorm(mlp(hidden))
+            hidden = add_normed(hidden, attn_out, norm.weight, norm.eps)
             ff_norm = layer.post_feedforward_layernorm
-            hidden = add_normed(hidden, fused_mlp(mlp, hidden, pack.gate_up, pack.down, silu), ff_norm.weight,
-                                ff_norm.eps)
-            continue
-        in_norm = layer.input_layernorm
-        proj = fused_linear(hidden, *pack.qkv, norm=(in_norm.weight, in_norm.eps))
-        h = _fused_attention(attn, proj, cos, sin, slot, start, lc)
-        hidden = fused_linear(h.view(B, -1), *pack.o, residual=hidden)
-        gate_up = fused_linear(hidden, *pack.gate_up, norm=(norm.weight, norm.eps))
-        if silu:
-            hidden = fused_linear(gate_up, *pack.down, silu_gate_up=True, residual=hidden)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = fused_linear(mlp.act(gate) * up, *pack.down, residual=hidden)
-    return rms_norm(hidden, inner.norm.weight, inner.norm.eps)
+            mlp_out = fused_mlp(layer.mlp, hidden, pack.gate_up, silu)
+            hidden = x = add_normed(hidden, mlp_out, ff_norm.weight, ff_norm.eps)
+        else:  # the second add is normed by the next layer's input norm (the final norm after the last)
+            hidden, x = add_rms_norm(hidden, attn_out, norm.weight, norm.eps)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+            mlp_out = fused_mlp(layer.mlp, x, pack.gate_up, silu)
+            hidden, x = add_rms_norm(hidden, mlp_out, following.weight, following.eps)
+    return rms_norm(hidden, inner.norm.weight, inner.norm.eps) if post_norm else x
 
 
 def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torch.Tensor:
