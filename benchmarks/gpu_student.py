@@ -184,7 +184,7 @@ def main() -> None:
         print("kernel vs reference (4K, bf16):", result["kernel_vs_reference_logits_rel_err_4k"], flush=True)
         del ref, ours
 
-        for length in map(int, args.prefill.split(",")):
+        for length in map(int, filter(None, args.prefill.split(","))):
             if over_budget(f"prefill {length}"):
                 break
             ids = torch.randint(0, vocab, (1, length), device="cuda")

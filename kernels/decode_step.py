@@ -156,9 +156,25 @@ def _decode_step(
     tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
 
 
+WIDE_PROGRAMS_MAX = 132  # an H200's SMs: up to about one program per SM, each takes the whole window
+
+
+def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
+    """(block_w, num_warps) for ``programs`` = B·H programs: ring slots per step of the window loop
+    and warps per program. Measured at D = 64, W = 512 on the H200 (benchmarks/decode_step_launch.py):
+    the step is latency-bound, so few programs (9, 72) go fastest with the whole window in one block
+    over 8 warps (2.0× the 64-slot, 4-warp launch), many (288) with 256-slot blocks over 2 warps
+    (1.7×). Wider heads keep the launch used before that sweep (not measured)."""
+    if D > 64:
+        return min(64, triton.next_power_of_2(W)), 8
+    if programs <= WIDE_PROGRAMS_MAX:
+        return min(512, triton.next_power_of_2(W)), 8
+    return min(256, triton.next_power_of_2(W)), 2
+
+
 def fused_decode_step(
     proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ogate, ring, sinks, *,
-    mixer: str, fmap_after_rope: bool, eps: float,
+    mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
     the mLSTM state (hybrid, mlstm) and the ring buffer (hybrid, swa).
@@ -170,6 +186,7 @@ def fused_decode_step(
     fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ogate: weight
     (H, (H + 2 Hkv) D), bias (H,); ring: k, v (B, Hkv, W, D), positions (W,) int64, -1 = empty;
     sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen. D a power of two >= 16.
+    launch: (block_w, num_warps), powers of two; ``default_launch`` when None.
     """
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
@@ -181,6 +198,9 @@ def fused_decode_step(
     Hkv, W, S = fmap_k[0].shape[0], ring_pos.shape[0], sink_pos.shape[1]
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim={D}: the fused decode step needs a power of two >= 16")
+    block_w, num_warps = launch or default_launch(D, W, B * H)
+    if block_w < 1 or block_w & (block_w - 1) or num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"launch={launch}: block_w and num_warps must be powers of two")
     if proj.shape[1] != (H + 2 * Hkv) * D + 2 * H or q.shape != (B, H * D) or k.shape != (B, Hkv * D):
         raise ValueError(
             f"fused decode step: proj {tuple(proj.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)} do not fit "
@@ -204,8 +224,8 @@ def fused_decode_step(
         ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
         out, 1.0 / math.sqrt(D), eps,
         H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)),
-        BLOCK_W=min(64, triton.next_power_of_2(W)), BLOCK_O=min(1024, triton.next_power_of_2((H + 2 * Hkv) * D)),
+        BLOCK_W=block_w, BLOCK_O=min(1024, triton.next_power_of_2((H + 2 * Hkv) * D)),
         MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope,
-        num_warps=4 if D <= 64 else 8,
+        num_warps=num_warps,
     )
     return out

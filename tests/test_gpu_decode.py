@@ -76,14 +76,16 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
 
 
 @kernel_test
-@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope", [
-    (9, 3, 64, 100, 4, "hybrid", False),  # SmolLM2 heads, two ring blocks, W not a power of two
-    (4, 4, 32, 64, 0, "hybrid", True),  # no GQA, no sinks, feature maps on rotated q/k
-    (6, 2, 16, 5, 7, "hybrid", False),  # more sinks than window
-    (4, 2, 16, 100, 4, "swa", False),
-    (4, 2, 16, 100, 4, "mlstm", True),
+@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope,launch", [
+    (9, 3, 64, 100, 4, "hybrid", False, None),  # SmolLM2 heads, W not a power of two
+    (9, 3, 64, 100, 4, "hybrid", False, (16, 2)),  # seven ring blocks
+    (9, 3, 64, 100, 4, "hybrid", False, (256, 8)),  # one block wider than the ring
+    (4, 4, 32, 64, 0, "hybrid", True, None),  # no GQA, no sinks, feature maps on rotated q/k
+    (6, 2, 16, 5, 7, "hybrid", False, None),  # more sinks than window
+    (4, 2, 16, 100, 4, "swa", False, None),
+    (4, 2, 16, 100, 4, "mlstm", True, None),
 ])
-def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope):
+def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch):
     from xmerge.kernels.decode_step import fused_decode_step
 
     g = torch.Generator().manual_seed(0)
@@ -109,7 +111,7 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope):
     state = tuple(t.clone() for t in state)
     h = fused_decode_step(
         proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], cos, sin, torch.tensor([pos], device=DEVICE), start,
-        state, *fmaps, ogate, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps,
+        state, *fmaps, ogate, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps, launch=launch,
     )
     assert rel_err(h, want_h) < 1e-5
     if mixer != "swa":
@@ -118,6 +120,20 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope):
         assert state[2][0, 0] != float("-inf") and torch.equal(state[2].isinf(), want_state[2].isinf())
     for got, want in zip(ring, want_ring):
         assert rel_err(got.float(), want.float()) < 1e-6
+
+
+@kernel_test
+@pytest.mark.parametrize("launch", [(48, 4), (0, 4), (64, 3)])
+def test_kernel_refuses_a_launch_of_no_power_of_two(launch):
+    from xmerge.kernels.decode_step import fused_decode_step
+
+    z = torch.zeros
+    fmaps = ((z(2, 16, 16), z(2, 16)), (z(1, 16, 16), z(1, 16)))
+    ring, sinks = (z(1, 1, 8, 16), z(1, 1, 8, 16), z(8)), (z(1, 1, 2, 16), z(1, 1, 2, 16), z(1, 2))
+    with pytest.raises(ValueError, match="powers of two"):
+        fused_decode_step(z(1, 68), z(1, 32), z(1, 16), z(1, 16), z(1, 16), z(1), z(1), (z(1), z(1), z(1)),
+                          *fmaps, (z(2, 64), z(2)), ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6,
+                          launch=launch)
 
 
 ROW_DTYPES = {  # hidden, delta, norm weight: fp32 model, bf16 model, fp32 model under bf16 autocast
