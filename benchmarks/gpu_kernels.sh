@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Issue 7 on one GPU, one step per device call (each fits the 10-minute limit of one call):
 #
-#   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers)
+#   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers),
+#                                        # except the two that autotune:
+#   benchmarks/gpu_kernels.sh autotune   # those two alone (neither finished inside a call on 2026-12-02)
+#   benchmarks/gpu_kernels.sh launches   # the fused decode step's launch shapes (100 s)
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / Flex / SDPA (>7.5 min:
 #                                        # PARTS=ours,fla SHAPES="8,9,8192,64 1,9,65536,64" splits it)
 #   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student
-#                                        # vs the teacher (5.5 min before the two newer prefill variants)
+#                                        # vs the teacher (336 s on 2026-12-02; PREFILL="" and DECODE=... narrow it)
 #
 # The times are those of the H200 runs of 2026-12-01/02 (benchmarks/RESULTS-*.md), most of them Triton
 # autotuning and compiling on first use. The tests pin one launch per kernel (tests/conftest.py); with
@@ -22,10 +25,14 @@ mkdir -p "$OUT_DIR"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 
 case ${1:-} in
-  tests)
-    python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=15 tests/test_kernels.py \
+  tests|autotune)
+    marker=$([ "$1" = tests ] && echo "not autotune" || echo autotune)
+    python3 -m pytest -v -p no:cacheprovider -n "${WORKERS:-8}" --durations=15 -m "$marker" tests/test_kernels.py \
       tests/test_kernels_swa.py tests/test_gpu_decode.py tests/test_gpu_student.py tests/test_gpu_evals.py 2>&1 \
-      | tee "$OUT_DIR/gpu-tests.txt" ;;
+      | tee "$OUT_DIR/gpu-$1.txt" ;;
+  launches)
+    python3 benchmarks/decode_step_launch.py --out "$OUT_DIR/decode_step_launch.json" 2>&1 \
+      | tee "$OUT_DIR/decode_step_launch.log" ;;
   kernels)
     shapes=()
     for shape in ${SHAPES:-}; do shapes+=(--shape "$shape"); done
@@ -33,9 +40,10 @@ case ${1:-} in
       --out "$OUT_DIR/kernels.json" 2>&1 | tee "$OUT_DIR/kernels.log" ;;
   student)
     python3 benchmarks/gpu_student.py --teacher "${TEACHER:?set TEACHER to the teacher spec}" --hbm-tb-s "$HBM_TB_S" \
-      --decode 8x32768,1x4096,8x4096,32x32768 --teacher-compiled 8x32768,1x4096 --memory-steps 256 \
+      --prefill "${PREFILL-4096,16384,65536,131072}" --decode "${DECODE:-8x32768,1x4096,8x4096,32x32768}" \
+      --teacher-compiled 8x32768,1x4096 --memory-steps 256 \
       --profile-decode 1x4096 \
       --budget-s "${STUDENT_BUDGET_S:-360}" --out "$OUT_DIR/student.json" 2>&1 | tee "$OUT_DIR/student.log" ;;
   *)
-    echo "usage: $0 tests|kernels|student" >&2; exit 2 ;;
+    echo "usage: $0 tests|autotune|kernels|launches|student" >&2; exit 2 ;;
 esac
