@@ -36,7 +36,8 @@ def inputs(B, H, Hkv, D, W, S, pos):
     ogate = ((0.03 * rnd(H, (H + 2 * Hkv) * D)).to(bf16), rnd(H).to(bf16))
     ring_pos = torch.arange(pos - W, pos, device="cuda")
     ring = (rnd(B, Hkv, W, D).to(bf16), rnd(B, Hkv, W, D).to(bf16), ring_pos[torch.argsort(ring_pos % W)])
-    sinks = (rnd(B, Hkv, S, D).to(bf16), rnd(B, Hkv, S, D).to(bf16), torch.arange(S, device="cuda").expand(B, S).contiguous())
+    sink_pos = torch.arange(S, device="cuda").expand(B, S).contiguous()
+    sinks = (rnd(B, Hkv, S, D).to(bf16), rnd(B, Hkv, S, D).to(bf16), sink_pos)
     slot, start = torch.tensor([pos], device="cuda"), torch.zeros(B, dtype=torch.long, device="cuda")
     return proj, cos, sin, slot, start, state, fmaps, ogate, ring, sinks
 
@@ -94,7 +95,8 @@ def main() -> None:
         shipped = next((r for r in timed if r["shipped"]), None)
         print(f"B={B}: best ({best['block_w']}, {best['num_warps']}) {best['us']:.2f} us "
               f"({best['vs_baseline']:.2f}x baseline {best['baseline']})"
-              + (f"; shipped ({shipped['block_w']}, {shipped['num_warps']}) {shipped['vs_baseline']:.2f}x" if shipped else ""))
+              + (f"; shipped ({shipped['block_w']}, {shipped['num_warps']}) {shipped['vs_baseline']:.2f}x"
+                 if shipped else ""))
 
 
 if __name__ == "__main__":
