@@ -35,11 +35,16 @@ def ms(fn, grads=None) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
-def attempt(fn, grads=None) -> float | str:
+def outcome(fn):
+    """fn(), or its error in one line: a kernel or anchor that fails is a result, not a crash."""
     try:
-        return ms(fn, grads)
-    except Exception as e:  # an anchor that fails is a result, not a crash
+        return fn()
+    except Exception as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def attempt(fn, grads=None) -> float | str:
+    return outcome(lambda: ms(fn, grads))
 
 
 def mlstm_inputs(B, H, S, D, requires_grad=False):
@@ -146,11 +151,12 @@ def bench_attention(B, H, S, D) -> dict:
     row["sdpa_fwbw"] = ms(fw_bw(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), xs), xs)
     with torch.no_grad():
         row["swa_triton_fw"] = attempt(lambda: swa_attention_triton(*xs, WINDOW, SINKS))
-        try:
+
+        def relerr_vs_flex():
             o, o_flex = swa_attention_triton(*xs, WINDOW, SINKS).float(), swa_attention(*xs, WINDOW, SINKS).float()
-            row["swa_triton_relerr_vs_flex"] = ((o - o_flex).norm() / o_flex.norm()).item()
-        except Exception as e:  # a failing kernel is a result, not a crash
-            row["swa_triton_relerr_vs_flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            return ((o - o_flex).norm() / o_flex.norm()).item()
+
+        row["swa_triton_relerr_vs_flex"] = outcome(relerr_vs_flex)
     row["swa_triton_fwbw"] = attempt(fw_bw(lambda *a: swa_attention_triton(*a, WINDOW, SINKS), xs), xs)
     return row
 

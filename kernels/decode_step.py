@@ -165,11 +165,12 @@ def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
     the step is latency-bound, so few programs (9, 72) go fastest with the whole window in one block
     over 8 warps (2.0× the 64-slot, 4-warp launch), many (288) with 256-slot blocks over 2 warps
     (1.7×). Wider heads keep the launch used before that sweep (not measured)."""
+    ring = triton.next_power_of_2(W)
     if D > 64:
-        return min(64, triton.next_power_of_2(W)), 8
+        return min(64, ring), 8
     if programs <= WIDE_PROGRAMS_MAX:
-        return min(512, triton.next_power_of_2(W)), 8
-    return min(256, triton.next_power_of_2(W)), 2
+        return min(512, ring), 8
+    return min(256, ring), 2
 
 
 def fused_decode_step(
