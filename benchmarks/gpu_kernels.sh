@@ -5,6 +5,7 @@
 #                                        # except the two that autotune:
 #   benchmarks/gpu_kernels.sh autotune   # those two alone (neither finished inside a call on 2026-12-02)
 #   benchmarks/gpu_kernels.sh launches   # the fused decode step's launch shapes (100 s)
+#   benchmarks/gpu_kernels.sh floor      # B=1 step floor: persistent kernel vs a graph of launches
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / Flex / SDPA (>7.5 min:
 #                                        # PARTS=ours,fla SHAPES="8,9,8192,64 1,9,65536,64" splits it)
 #   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student
@@ -15,7 +16,7 @@
 # that, test_kernels.py, test_gpu_decode.py, test_gpu_student.py and test_gpu_evals.py took 125 s with 8
 # workers, and the SWA kernel's tests (autotune test aside) ran within a 230 s call beside a part of them.
 # Needs torch+triton with CUDA, pytest-xdist for `tests`, the teacher file for `student`, fla-core /
-# mlstm_kernels importable for their anchor rows (missing anchors are recorded as errors, not fatal).
+# mlstm_kernels importable for their anchor rows (PARTS=profile: per-kernel times of ours and FLA) (missing anchors are recorded as errors, not fatal).
 # Results go to OUT_DIR as each part finishes.
 set -euo pipefail
 
@@ -33,6 +34,9 @@ case ${1:-} in
   launches)
     python3 benchmarks/decode_step_launch.py --out "$OUT_DIR/decode_step_launch.json" 2>&1 \
       | tee "$OUT_DIR/decode_step_launch.log" ;;
+  floor)
+    timeout "${FLOOR_TIMEOUT_S:-120}" python3 benchmarks/decode_floor.py --hbm-tb-s "$HBM_TB_S" \
+      --out "$OUT_DIR/decode_floor.json" 2>&1 | tee "$OUT_DIR/decode_floor.log" ;;  # timeout: a barrier that hangs
   kernels)
     shapes=()
     for shape in ${SHAPES:-}; do shapes+=(--shape "$shape"); done
@@ -45,5 +49,5 @@ case ${1:-} in
       --profile-decode 1x4096 \
       --budget-s "${STUDENT_BUDGET_S:-360}" --out "$OUT_DIR/student.json" 2>&1 | tee "$OUT_DIR/student.log" ;;
   *)
-    echo "usage: $0 tests|autotune|kernels|launches|student" >&2; exit 2 ;;
+    echo "usage: $0 tests|autotune|kernels|launches|floor|student" >&2; exit 2 ;;
 esac

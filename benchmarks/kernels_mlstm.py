@@ -6,7 +6,8 @@ choice) vs FLA
 ``chunk_simple_gla`` (fla-core)
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs our Triton window + sinks (kernels/swa_triton.py, autotuned; its forward's relative
-error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error.
+error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error. "profile": each
+kernel's time inside ours and FLA, forward and fw+bw (not in the default parts).
 
     python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
@@ -161,14 +162,49 @@ def bench_attention(B, H, S, D) -> dict:
     return row
 
 
-PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention}
+def kernel_times(fn, steps: int = 5) -> dict[str, float]:
+    """Mean µs per call of each CUDA kernel fn launches (fn warmed up first: no autotuning in the trace)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / steps, 1) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def bench_profile(B, H, S, D) -> dict:
+    """Where the time goes, kernel by kernel: ours (shipped choice) and FLA, forward and fw+bw."""
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+    row = {}
+    with torch.no_grad():
+        row["profile_ours_fw"] = outcome(lambda: kernel_times(lambda: mlstm_chunkwise_triton(*xs)))
+    row["profile_ours_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs)))
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:
+        return row | {"profile_fla": f"import failed: {type(e).__name__}: {e}"}
+    qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in xs[:3])
+    gf = F.logsigmoid(xs[4].detach()).transpose(1, 2).contiguous().requires_grad_()
+    fla_xs = [qf, kf, vf, gf]
+    with torch.no_grad():
+        row["profile_fla_fw"] = outcome(lambda: kernel_times(lambda: chunk_simple_gla(*fla_xs)))
+    hopper, fla_chunk_o.IS_NVIDIA_HOPPER = fla_chunk_o.IS_NVIDIA_HOPPER, False  # guard lifted, as in bench_fla
+    row["profile_fla_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs)))
+    fla_chunk_o.IS_NVIDIA_HOPPER = hopper
+    return row
+
+
+PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention,
+         "profile": bench_profile}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable); default: the three issue shapes")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="ours,fla,xl,attention", help=f"comma-separated subset of {', '.join(PARTS)}")
     args = parser.parse_args()
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:

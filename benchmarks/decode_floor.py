@@ -1,0 +1,204 @@
+"""How fast can a B=1 decode step of this model shape get? Persistent kernel vs a graph of launches.
+
+The B=1 goal of issue 7 (a quarter of the HBM bound) leaves 0.23 ms for a step of SmolLM2-135M's
+30 layers on an H200. The step is a chain of small dependent products; today each is a cuBLAS launch
+replayed in a CUDA graph. This measures the alternative, one persistent Triton kernel (one program per
+SM) that walks the whole chain and separates its phases with a grid-wide barrier, on the four
+products of every layer (qkv + gates, out, gate·up, down; no attention, norms or activations: the
+floor below any full step). Rows, all in one run, timed in CUDA graphs (median):
+
+- ``graph``: the chain as one cuBLAS product per phase (bf16), the named baseline;
+- ``persistent``: the same chain in one persistent kernel, per program-count and warp choice;
+- ``barriers``: the persistent kernel with no products (what the phases' barriers alone cost);
+- ``launches``: one empty kernel per phase in the graph (what a launch alone costs).
+
+Each gives µs per step, the fraction of the HBM bound of the chain's weight bytes, and ratio =
+graph time / its time. The persistent chain is checked against an fp32 PyTorch chain first.
+
+    python benchmarks/decode_floor.py --hbm-tb-s 4.8 --out decode_floor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grid_sync(counter, target):
+    """Wait until every program has arrived ``target`` counts in all; stores before it are visible after."""
+    tl.debug_barrier()  # all of this program's stores are issued before it arrives
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _chain(
+    w, x, counter, w_offsets, n_rows, k_cols, y_offsets, PHASES, P,
+    BN: tl.constexpr, BK: tl.constexpr, WORK: tl.constexpr,
+):
+    """Phase p: y_p[n] = Σ_k W_p[n, k] y_{p-1}[k] (y_{-1} = x), rows in BN-blocks strided over the P programs,
+    columns in BK-blocks.
+
+    Activations are fp32 in one buffer, each phase its own slice, read with .cg (past L1, which is not
+    coherent across SMs). Without WORK only the barriers run.
+    """
+    pid = tl.program_id(0)
+    o_b = tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    for p in range(PHASES):
+        if WORK:
+            N = tl.load(n_rows + p)
+            K = tl.load(k_cols + p)
+            w_p = w + tl.load(w_offsets + p)
+            x_p = x + tl.load(y_offsets + p)  # the previous phase's output (slot 0 holds the input)
+            y_p = x + tl.load(y_offsets + p + 1)
+            for nb in range(pid, tl.cdiv(N, BN), P):
+                rows = nb * BN + o_b
+                acc = tl.zeros([BN, BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    cols = k0 + o_k
+                    xk = tl.load(x_p + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+                    tile = tl.load(w_p + rows[:, None] * K + cols[None, :],
+                                   mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+                    acc += tile.to(tl.float32) * xk[None, :]
+                tl.store(y_p + rows, tl.sum(acc, 1), mask=rows < N)
+        _grid_sync(counter, (p + 1) * P)
+
+
+@triton.jit
+def _empty(x):
+    pass
+
+
+def layer_shapes(hidden: int, proj: int, inter: int) -> list[tuple[int, int]]:
+    """(rows, cols) of one layer's products in order; each reads the first cols of the one before."""
+    return [(proj, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
+
+
+class Chain:
+    """The weights and activation slots of ``layers`` layers' products, for both implementations."""
+
+    def __init__(self, layers: int, hidden: int, proj: int, inter: int):
+        self.shapes = layer_shapes(hidden, proj, inter) * layers
+        g = torch.Generator(device="cuda").manual_seed(0)
+        # scaled so the activations keep their size over the whole chain
+        self.weights = [(torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16() for n, k in self.shapes]
+        self.flat = torch.cat([w.flatten() for w in self.weights])
+        self.x = torch.randn(hidden, device="cuda", generator=g)
+        ints = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int64)  # noqa: E731
+        sizes = [w.numel() for w in self.weights]
+        self.w_offsets = ints([sum(sizes[:i]) for i in range(len(sizes))])
+        self.n_rows, self.k_cols = ints([n for n, _ in self.shapes]), ints([k for _, k in self.shapes])
+        slots = [hidden] + [n for n, _ in self.shapes]
+        self.y_offsets = ints([sum(slots[:i]) for i in range(len(slots))])
+        self.acts = torch.zeros(sum(slots), device="cuda")
+        self.acts[:hidden] = self.x
+        self.counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def reference(self) -> torch.Tensor:
+        y = self.x
+        for w, (_, k) in zip(self.weights, self.shapes):
+            y = w.float() @ y[:k]
+        return y
+
+    def persistent(self, programs: int, block_rows: int, num_warps: int, work: bool = True, block_cols: int = 256):
+        def run():
+            self.counter.zero_()
+            _chain[(programs,)](
+                self.flat, self.acts, self.counter, self.w_offsets, self.n_rows, self.k_cols, self.y_offsets,
+                len(self.shapes), programs, BN=block_rows, BK=block_cols, WORK=work, num_warps=num_warps,
+            )
+
+        return run
+
+    def output(self) -> torch.Tensor:
+        return self.acts[int(self.y_offsets[-1]):]
+
+    def graph(self):
+        y = self.x.bfloat16()[None]  # (1, hidden): the decoder's B=1 products
+
+        def run():
+            h = y
+            for w, (_, k) in zip(self.weights, self.shapes):
+                h = F.linear(h[:, :k], w)
+            return h
+
+        return run
+
+    def launches(self):
+        def run():
+            for _ in self.shapes:
+                _empty[(1,)](self.counter)
+
+        return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", default="30,576,978,1536", help="layers,hidden,proj,inter (SmolLM2 student)")
+    parser.add_argument("--programs", default="", help="program counts to try (default: the SM count, and half)")
+    parser.add_argument("--block-rows", default="4,8,16", help="rows per block to try")
+    parser.add_argument("--warps", default="4,8", help="num_warps to try")
+    parser.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the bound (H200 4.8)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    layers, hidden, proj, inter = map(int, args.dims.split(","))
+    chain = Chain(layers, hidden, proj, inter)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    programs = [int(p) for p in args.programs.split(",") if p] or [sms, sms // 2]
+    if max(programs) > sms:
+        parser.error(f"--programs above the SM count ({sms}) could deadlock the grid barrier")
+    bound_us = chain.weight_bytes / (args.hbm_tb_s * 1e12) * 1e6
+
+    def bench(fn) -> float:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+    def row(name, us, **extra):
+        r = {"name": name, "us_per_step": us, "fraction_of_bound": bound_us / us, **extra}
+        print(json.dumps(r), flush=True)
+        return r
+
+    ref = chain.reference()
+    base = bench(chain.graph())
+    rows = [row("graph", base, launches=len(chain.shapes), ratio=1.0)]
+    us = bench(chain.launches())
+    rows.append(row("launches", us, launches=len(chain.shapes), ratio=base / us))
+    for p in programs:
+        for warps in map(int, args.warps.split(",")):
+            us = bench(chain.persistent(p, 16, warps, work=False))
+            rows.append(row("barriers", us, programs=p, num_warps=warps, ratio=base / us))
+            for bn in map(int, args.block_rows.split(",")):
+                run = chain.persistent(p, bn, warps)
+                run()
+                err = ((chain.output() - ref).norm() / ref.norm()).item()
+                if not err < 1e-3:
+                    rows.append(row("persistent", float("nan"), programs=p, num_warps=warps, block_rows=bn,
+                                    error=f"rel. err {err:.2e} vs the fp32 chain"))
+                    continue
+                us = bench(run)
+                rows.append(row("persistent", us, programs=p, num_warps=warps, block_rows=bn, rel_err=err,
+                                ratio=base / us))
+    meta = {"device": torch.cuda.get_device_name(), "sms": sms, "triton": triton.__version__,
+            "dims": [layers, hidden, proj, inter], "phases": len(chain.shapes),
+            "weight_bytes": chain.weight_bytes, "bound_us": bound_us, "hbm_tb_s": args.hbm_tb_s}
+    print(json.dumps(meta))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
