@@ -98,8 +98,6 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
-STATES_KEY = TUNING_KEY + ["PREFETCH", "N_DOT"]  # A/B only
-_AB = {"PREFETCH": 0, "N_DOT": 0}
 # With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes walk chunks of SUPER_CHUNK tokens,
 # then fill in the finer chunks in parallel (0: one level). Measured on an H200 (bf16, D = 64,
 # benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
@@ -135,13 +133,13 @@ def _fwd_gates(
     tl.store(M + i_bh * NC + c, M_c)
 
 
-@triton.autotune(STATE_CONFIGS, key=STATES_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _fwd_states(
     k, v, b, wk, M, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
     S, S_pad, NC, REP, NSEG, SEG, INIT_STRIDE, BH_LOG2, NC_LOG2,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr = 0, N_DOT: tl.constexpr = 0,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH*NSEG).
 
@@ -165,59 +163,42 @@ def _fwd_states(
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
         m = tl.full([], float("-inf"), tl.float32)
+    # n rides on the tensor cores as 16 equal columns (n16 = n·1ᵀ): a row sum per chunk would be a
+    # cross-warp reduction on the sequential path; the columns agree exactly, max() reads one. Like C,
+    # n now sums the key weights rounded to the input dtype (rel. 5e-4 in bf16 vs the fp32 row sum)
     ones = tl.full([L, 16], 1.0, k.dtype.element_ty)
     n16 = tl.zeros([BK, 16], dtype=tl.float32) + n[:, None]
     first = seg * SEG
     last = tl.minimum(seg * SEG + SEG, NC)
-    t0 = first * L + o_t
-    wc_n = tl.load(wk + i_bh * S_pad + t0)
+    # the gates of chunk c + 1 load during chunk c: their latency is off the sequential path
+    wc_n = tl.load(wk + i_bh * S_pad + first * L + o_t)
     M_n = tl.load(M + i_bh * NC + first)
     b_n = tl.load(b + i_bh * S_pad + first * L + L - 1)
-    kc_n = tl.load(k + (i_kv * S + t0[:, None]) * DK + o_k[None, :], mask=(t0 < S)[:, None], other=0.0)
-    vc_n = tl.load(v + (i_kv * S + t0[:, None]) * DV + o_v[None, :], mask=(t0 < S)[:, None], other=0.0)
     for c in range(first, last):
         st = i_bh * (NC + 1) + c
         tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
-        if N_DOT:
-            n = tl.max(n16, 1)
         if i_v == 0:
-            tl.store(ns + st * DK + o_k, n)
+            tl.store(ns + st * DK + o_k, tl.max(n16, 1))
             if i_k == 0:
                 tl.store(ms + st, m)
         t = c * L + o_t
         in_seq = t < S
-        nx = tl.minimum(c + 1, NC - 1)
-        tn = nx * L + o_t
-        if PREFETCH >= 1:
-            wc, M_c, b_last = wc_n, M_n, b_n
-            wc_n = tl.load(wk + i_bh * S_pad + tn)
-            M_n = tl.load(M + i_bh * NC + nx)
-            b_n = tl.load(b + i_bh * S_pad + nx * L + L - 1)
-        else:
-            wc = tl.load(wk + i_bh * S_pad + t)
-            M_c = tl.load(M + i_bh * NC + c)
-            b_last = tl.load(b + i_bh * S_pad + c * L + L - 1)
-        if PREFETCH >= 2:
-            kc, vc = kc_n, vc_n
-            kc_n = tl.load(k + (i_kv * S + tn[:, None]) * DK + o_k[None, :], mask=(tn < S)[:, None], other=0.0)
-            vc_n = tl.load(v + (i_kv * S + tn[:, None]) * DV + o_v[None, :], mask=(tn < S)[:, None], other=0.0)
-        else:
-            kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-            vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        wc, M_c, b_last = wc_n, M_n, b_n
+        nxt = tl.minimum(c + 1, NC - 1)
+        wc_n = tl.load(wk + i_bh * S_pad + nxt * L + o_t)
+        M_n = tl.load(M + i_bh * NC + nxt)
+        b_n = tl.load(b + i_bh * S_pad + nxt * L + L - 1)
+        kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+        vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
         m_next = tl.maximum(b_last + m, M_c)
         m_ref = _safe(m_next)
         g = tl.exp(b_last + m - m_ref)
         s = tl.exp(M_c - m_ref)
-        kw = kc.to(tl.float32) * wc[:, None]
-        kwt = tl.trans(kw.to(vc.dtype))
+        kwt = tl.trans((kc.to(tl.float32) * wc[:, None]).to(vc.dtype))
         C = C * g + s * tl.dot(kwt, vc, input_precision=PREC)
-        if N_DOT:
-            n16 = n16 * g + s * tl.dot(kwt, ones, input_precision=PREC)
-        else:
-            n = n * g + s * tl.sum(kw, 0)
+        n16 = n16 * g + s * tl.dot(kwt, ones, input_precision=PREC)
         m = m_next
-    if N_DOT:
-        n = tl.max(n16, 1)
+    n = tl.max(n16, 1)
     if STORE_FINAL:
         tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
         if i_v == 0:
@@ -584,18 +565,18 @@ class _MLSTMChunkwise(torch.autograd.Function):
             ms2 = torch.empty(BH, NC2 + 1, device=dev, dtype=f32)
             _fwd_states[_state_grid(DK, DV, BH)](
                 k, v, b2, wk2, M2, C0c, n0c, m0c, Cs2, ns2, ms2, *final, S, NC2 * R * L, NC2, REP, 1, NC2, 1,
-                *_size_buckets(BH, NC2), HAS_INIT=has_init, STORE_FINAL=True, L=R * L, **consts, **_AB,
+                *_size_buckets(BH, NC2), HAS_INIT=has_init, STORE_FINAL=True, L=R * L, **consts,
             )
             _fwd_states[_state_grid(DK, DV, BH * NC2)](
                 k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2 + 1,
-                *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_FINAL=False, L=L, **consts, **_AB,
+                *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_FINAL=False, L=L, **consts,
             )
             if not forward_only:
                 ms[:, NC] = m_last.view(BH)  # the backward reads m after the last chunk
         else:
             _fwd_states[_state_grid(DK, DV, BH)](
                 k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, *final, S, S_pad, NC, REP, 1, NC, 1,
-                *_size_buckets(BH, NC), HAS_INIT=has_init, STORE_FINAL=True, L=L, **consts, **_AB,
+                *_size_buckets(BH, NC), HAS_INIT=has_init, STORE_FINAL=True, L=L, **consts,
             )
         buckets = _size_buckets(BH, NC)
         h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
