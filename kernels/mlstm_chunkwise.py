@@ -98,6 +98,10 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
+# A/B of the reverse pass (benchmarks/ab_bwd_states.py): the next chunk's gates loaded during this one
+# (PREFETCH), ∂L/∂n on the tensor cores (N_DOT), as _fwd_states does; 0, 0 is the measured pass
+BWD_STATES_AB = {"PREFETCH": 0, "N_DOT": 0}
+BWD_STATES_KEY = TUNING_KEY + list(BWD_STATES_AB)
 # With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes walk chunks of SUPER_CHUNK tokens,
 # then fill in the finer chunks in parallel (0: one level). Measured on an H200 (bf16, D = 64,
 # benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
@@ -309,13 +313,33 @@ def _coarse_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
     tl.store(A2 + i_bh * NC2 + c2, tl.where(tl.sum(breaks, 0) == 0, 1.0, 0.0))
 
 
-@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.jit
+def _rev_gates(b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L: tl.constexpr):
+    """What the reverse pass reads of chunk c besides q and dh: b, m_t, den, ∂L/∂(qᵀn) per position; the
+    stabilisers at its start and end, b_last, and D_c, A_c of the ∂L/∂m chain (see _bwd_states)."""
+    t = c * L + o_t
+    in_seq = t < S
+    m_row = ms + i_bh * (NCF + 1)
+    return (
+        tl.load(b + i_bh * S_pad_b + t),
+        tl.load(m_t + i_bh * S_pad + t, mask=in_seq, other=0.0),
+        tl.load(den + i_bh * S_pad + t, mask=in_seq, other=1.0),
+        tl.load(dqn + i_bh * S_pad + t, mask=in_seq, other=0.0),
+        tl.load(m_row + tl.minimum(c * MS_STRIDE, NCF)),
+        _safe(tl.load(m_row + tl.minimum((c + 1) * MS_STRIDE, NCF))),
+        tl.load(b + i_bh * S_pad_b + c * L + L - 1),
+        tl.load(D + i_bh * NC + c),
+        tl.load(A + i_bh * NC + c),
+    )
+
+
+@triton.autotune(STATE_CONFIGS, key=BWD_STATES_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
     q, dh, b, ms, m_t, den, dqn, D, A, dC_end, dn_end, dm_end, dCs, dns, dms,
     S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
     HAS_END: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr = 0, N_DOT: tl.constexpr = 0,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH*NSEG).
 
@@ -339,12 +363,18 @@ def _bwd_states(
         dC = tl.zeros([BK, BV], dtype=tl.float32)
         dn = tl.zeros([BK], dtype=tl.float32)
         dmc = tl.zeros([], dtype=tl.float32)
+    dn16 = tl.zeros([BK, 16], dtype=tl.float32) + dn[:, None]
     first = seg * SEG
     last = tl.minimum(first + SEG, NC)
+    bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
+        b, ms, m_t, den, dqn, D, A, last - 1, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L,
+    )
     for cc in range(first, last):
         c = first + last - 1 - cc
         st = i_bh * (NC + 1) + c
         tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
+        if N_DOT:
+            dn = tl.max(dn16, 1)
         if i_v == 0:
             tl.store(dns + (st + 1) * DK + o_k, dn)
             if i_k == 0:
@@ -353,21 +383,29 @@ def _bwd_states(
         in_seq = t < S
         qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
         dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        bc = tl.load(b + i_bh * S_pad_b + t)
-        mt = tl.load(m_t + i_bh * S_pad + t, mask=in_seq, other=0.0)
-        denc = tl.load(den + i_bh * S_pad + t, mask=in_seq, other=1.0)
-        dqnc = tl.load(dqn + i_bh * S_pad + t, mask=in_seq, other=0.0)
-        m_row = ms + i_bh * (NCF + 1)
-        m_c = tl.load(m_row + tl.minimum(c * MS_STRIDE, NCF))
-        m_next = _safe(tl.load(m_row + tl.minimum((c + 1) * MS_STRIDE, NCF)))
-        b_last = tl.load(b + i_bh * S_pad_b + c * L + L - 1)
+        if PREFETCH:
+            bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n
+            bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
+                b, ms, m_t, den, dqn, D, A, tl.maximum(c - 1, first), i_bh, o_t, S, S_pad, S_pad_b, NC, NCF,
+                MS_STRIDE, L,
+            )
+        else:
+            bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = _rev_gates(
+                b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L,
+            )
         a = tl.exp(bc + m_c - mt)
-        qa = qc.to(tl.float32) * a[:, None]
+        qat = tl.trans((qc.to(tl.float32) * a[:, None]).to(qc.dtype))
         dnum = dhc.to(tl.float32) / denc[:, None]
         g = tl.exp(b_last + m_c - m_next)
-        dC = dC * g + tl.dot(tl.trans(qa.to(qc.dtype)), dnum.to(qc.dtype), input_precision=PREC)
-        dn = dn * g + tl.sum(qa * dqnc[:, None], 0)
-        dmc = tl.load(D + i_bh * NC + c) + tl.load(A + i_bh * NC + c) * dmc
+        dC = dC * g + tl.dot(qat, dnum.to(qc.dtype), input_precision=PREC)
+        if N_DOT:
+            dq16 = (tl.zeros([L, 16], dtype=tl.float32) + dqnc[:, None]).to(qc.dtype)
+            dn16 = dn16 * g + tl.dot(qat, dq16, input_precision=PREC)
+        else:
+            dn = dn * g + tl.sum(qc.to(tl.float32) * a[:, None] * dqnc[:, None], 0)
+        dmc = Dc + Ac * dmc
+    if N_DOT:
+        dn = tl.max(dn16, 1)
     if seg == 0:
         tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:
@@ -622,16 +660,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
-                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L, **consts,
+                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L, **consts, **BWD_STATES_AB,
             )
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L, **consts,
+                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L, **consts, **BWD_STATES_AB,
             )
         else:
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts,
+                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts, **BWD_STATES_AB,
             )
         buckets = _size_buckets(BH, NC)
         dq = torch.empty_like(q)
