@@ -54,7 +54,7 @@ def main() -> None:
             base = base or grads
             fwbw = ms(step, xs)
             row = {"shape": [B, H, S, D], "prefetch": prefetch, "n_dot": n_dot, "fwbw": fwbw, "fla_fwbw": fla,
-                   "fla/ours": fla / fwbw if isinstance(fla, float) else None, "kernels": kernel_times(step),
+                   "fla/ours": fla / fwbw if isinstance(fla, float) else None, "kernels": kernel_times(step, xs),
                    "grad_err_vs_base": [((g - b).norm() / b.norm()).item() for g, b in zip(grads, base)]}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -8,6 +8,9 @@ products of every layer (qkv + gates, out, gate·up, down; no attention, norms o
 floor below any full step). Rows, all in one run, timed in CUDA graphs (median):
 
 - ``graph``: the chain as one cuBLAS product per phase (bf16), the named baseline;
+- ``launched``: one Triton matrix-vector launch per phase (``_matvec``), per rows-per-program;
+- ``launched_pdl``: the same with programmatic dependent launch: each product's weights load while the
+  product before it still runs, and only the activation read waits for it;
 - ``persistent``: the same chain in one persistent kernel, per program-count and warp choice;
 - ``barriers``: the persistent kernel with no products (what the phases' barriers alone cost);
 - ``launches``: one empty kernel per phase in the graph (what a launch alone costs).
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -72,6 +76,24 @@ def _chain(
                     acc += tile.to(tl.float32) * xk[None, :]
                 tl.store(y_p + rows, tl.sum(acc, 1), mask=rows < N)
         _grid_sync(counter, (p + 1) * P)
+
+
+@triton.jit
+def _matvec(w, x, y, N, K, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    """y[n] = Σ_k W[n, k] x[k] for one BN-row block, all of K in one tile.
+
+    With PDL (programmatic dependent launch, Hopper), the weight tile, which no earlier kernel writes,
+    loads before the wait for the kernel before, and the next kernel may start as soon as every
+    program here has issued its loads: the weight streams of consecutive products overlap.
+    """
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.arange(0, BK)
+    tile = tl.load(w + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    xk = tl.load(x + cols, mask=cols < K, other=0.0)
+    tl.store(y + rows, tl.sum(tile.to(tl.float32) * xk[None, :], 1), mask=rows < N)
 
 
 @triton.jit
@@ -124,6 +146,19 @@ class Chain:
 
         return run
 
+    def launched(self, block_rows: int, pdl: bool, num_warps: int = 4):
+        """The chain as one _matvec launch per phase into the same activation slots."""
+        slots = [int(o) for o in self.y_offsets]
+
+        def run():
+            for p, (w, (n, k)) in enumerate(zip(self.weights, self.shapes)):
+                _matvec[(triton.cdiv(n, block_rows),)](
+                    w, self.acts[slots[p]:], self.acts[slots[p + 1]:], n, k, BN=block_rows,
+                    BK=triton.next_power_of_2(k), PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+                )
+
+        return run
+
     def output(self) -> torch.Tensor:
         return self.acts[int(self.y_offsets[-1]):]
 
@@ -172,25 +207,34 @@ def main() -> None:
         return r
 
     ref = chain.reference()
+
+    def checked(name, run, **extra):
+        """A row for a chain implementation: checked against the fp32 chain, then timed; a failure is a row."""
+        try:
+            chain.acts[hidden:].zero_()
+            run()
+            err = ((chain.output() - ref).norm() / ref.norm()).item()
+            if not err < 1e-3:
+                return row(name, float("nan"), **extra, error=f"rel. err {err:.2e} vs the fp32 chain")
+            us = bench(run)
+        except Exception as e:  # noqa: BLE001 - e.g. PDL refused inside graph capture: recorded, not fatal
+            return row(name, float("nan"), **extra, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return row(name, us, **extra, rel_err=err, ratio=base / us)
+
     base = bench(chain.graph())
     rows = [row("graph", base, launches=len(chain.shapes), ratio=1.0)]
     us = bench(chain.launches())
     rows.append(row("launches", us, launches=len(chain.shapes), ratio=base / us))
+    for bn in map(int, args.block_rows.split(",")):
+        for pdl in (False, True):
+            rows.append(checked("launched_pdl" if pdl else "launched", chain.launched(bn, pdl), block_rows=bn))
     for p in programs:
         for warps in map(int, args.warps.split(",")):
             us = bench(chain.persistent(p, 16, warps, work=False))
             rows.append(row("barriers", us, programs=p, num_warps=warps, ratio=base / us))
             for bn in map(int, args.block_rows.split(",")):
-                run = chain.persistent(p, bn, warps)
-                run()
-                err = ((chain.output() - ref).norm() / ref.norm()).item()
-                if not err < 1e-3:
-                    rows.append(row("persistent", float("nan"), programs=p, num_warps=warps, block_rows=bn,
-                                    error=f"rel. err {err:.2e} vs the fp32 chain"))
-                    continue
-                us = bench(run)
-                rows.append(row("persistent", us, programs=p, num_warps=warps, block_rows=bn, rel_err=err,
-                                ratio=base / us))
+                rows.append(checked("persistent", chain.persistent(p, bn, warps), programs=p, num_warps=warps,
+                                    block_rows=bn))
     meta = {"device": torch.cuda.get_device_name(), "sms": sms, "triton": triton.__version__,
             "dims": [layers, hidden, proj, inter], "phases": len(chain.shapes),
             "weight_bytes": chain.weight_bytes, "bound_us": bound_us, "hbm_tb_s": args.hbm_tb_s}

@@ -162,12 +162,16 @@ def bench_attention(B, H, S, D) -> dict:
     return row
 
 
-def kernel_times(fn, steps: int = 5) -> dict[str, float]:
-    """Mean µs per call of each CUDA kernel fn launches (fn warmed up first: no autotuning in the trace)."""
+def kernel_times(fn, grads=(), steps: int = 5) -> dict[str, float]:
+    """Mean µs per call of each CUDA kernel fn launches (fn warmed up first: no autotuning in the trace).
+    The tensors in grads get their .grad cleared before each call, as do_bench's grad_to_none does, so
+    that no gradient accumulation shows in the trace."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
+            for x in grads:
+                x.grad = None
             fn()
         torch.cuda.synchronize()
     return {e.key[:60]: round(e.device_time_total / steps, 1) for e in prof.key_averages() if e.device_time_total > 0}
@@ -179,7 +183,7 @@ def bench_profile(B, H, S, D) -> dict:
     row = {}
     with torch.no_grad():
         row["profile_ours_fw"] = outcome(lambda: kernel_times(lambda: mlstm_chunkwise_triton(*xs)))
-    row["profile_ours_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs)))
+    row["profile_ours_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.simple_gla import chunk_simple_gla
@@ -191,7 +195,7 @@ def bench_profile(B, H, S, D) -> dict:
     with torch.no_grad():
         row["profile_fla_fw"] = outcome(lambda: kernel_times(lambda: chunk_simple_gla(*fla_xs)))
     hopper, fla_chunk_o.IS_NVIDIA_HOPPER = fla_chunk_o.IS_NVIDIA_HOPPER, False  # guard lifted, as in bench_fla
-    row["profile_fla_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs)))
+    row["profile_fla_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
     fla_chunk_o.IS_NVIDIA_HOPPER = hopper
     return row
 
