@@ -16,7 +16,8 @@
 # that, test_kernels.py, test_gpu_decode.py, test_gpu_student.py and test_gpu_evals.py took 125 s with 8
 # workers, and the SWA kernel's tests (autotune test aside) ran within a 230 s call beside a part of them.
 # Needs torch+triton with CUDA, pytest-xdist for `tests`, the teacher file for `student`, fla-core /
-# mlstm_kernels importable for their anchor rows (PARTS=profile: per-kernel times of ours and FLA) (missing anchors are recorded as errors, not fatal).
+# mlstm_kernels importable for their anchor rows (missing anchors are recorded as errors, not fatal;
+# PARTS=profile gives the per-kernel times of ours and FLA).
 # Results go to OUT_DIR as each part finishes.
 set -euo pipefail
 

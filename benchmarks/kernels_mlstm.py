@@ -208,7 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable); default: the three issue shapes")
-    parser.add_argument("--parts", default="ours,fla,xl,attention", help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="ours,fla,xl,attention",
+                        help=f"comma-separated subset of {', '.join(PARTS)}")
     args = parser.parse_args()
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:

@@ -660,16 +660,19 @@ class _MLSTMChunkwise(torch.autograd.Function):
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
-                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L, **consts, **BWD_STATES_AB,
+                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L,
+                **consts, **BWD_STATES_AB,
             )
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L, **consts, **BWD_STATES_AB,
+                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L,
+                **consts, **BWD_STATES_AB,
             )
         else:
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts, **BWD_STATES_AB,
+                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L,
+                **consts, **BWD_STATES_AB,
             )
         buckets = _size_buckets(BH, NC)
         dq = torch.empty_like(q)
