@@ -92,7 +92,7 @@ def _matvec(w, x, y, N, K, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    xk = tl.load(x + cols, mask=cols < K, other=0.0)
+    xk = tl.load(x + cols, mask=cols < K, other=0.0, cache_modifier=".cg")  # written by the kernel before
     tl.store(y + rows, tl.sum(tile.to(tl.float32) * xk[None, :], 1), mask=rows < N)
 
 
