@@ -18,7 +18,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from xmerge.benchmarks.kernels_mlstm import SHAPES, attempt, fw_bw, kernel_times, mlstm_inputs, ms
+from xmerge.benchmarks.kernels_mlstm import SHAPES, fw_bw, kernel_times, mlstm_inputs, ms, outcome
 from xmerge.kernels import mlstm_chunkwise as mk
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     rows = []
     for B, H, S, D in SHAPES:
         xs = mlstm_inputs(B, H, S, D, requires_grad=True)
-        fla = attempt(lambda: fla_fwbw(xs))
+        fla = outcome(lambda: fla_fwbw(xs))  # its time, or its error
         step = fw_bw(lambda *a: mk.mlstm_chunkwise_triton(*a)[0], xs)
         base = None
         for prefetch, n_dot in itertools.product((0, 1), (0, 1)):
