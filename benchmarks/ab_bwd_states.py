@@ -16,23 +16,19 @@ import itertools
 import json
 
 import torch
-import torch.nn.functional as F
 
-from xmerge.benchmarks.kernels_mlstm import SHAPES, fw_bw, kernel_times, mlstm_inputs, ms, outcome
+from xmerge.benchmarks.kernels_mlstm import (
+    SHAPES, fla_guard_lifted, fla_layout, fw_bw, kernel_times, mlstm_inputs, ms, outcome,
+)
 from xmerge.kernels import mlstm_chunkwise as mk
 
 
-def fla_fwbw(xs):
-    import fla.ops.common.chunk_o as fla_chunk_o
+def fla_fwbw(xs) -> float:
     from fla.ops.simple_gla import chunk_simple_gla
 
-    fla_xs = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in xs[:3]]
-    fla_xs.append(F.logsigmoid(xs[4].detach()).transpose(1, 2).contiguous().requires_grad_())
-    hopper, fla_chunk_o.IS_NVIDIA_HOPPER = fla_chunk_o.IS_NVIDIA_HOPPER, False  # as kernels_mlstm.bench_fla
-    try:
+    fla_xs = fla_layout(*xs[:3], xs[4])
+    with fla_guard_lifted():
         return ms(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs)
-    finally:
-        fla_chunk_o.IS_NVIDIA_HOPPER = hopper
 
 
 def main() -> None:

@@ -101,6 +101,25 @@ def bench_ours(B, H, S, D) -> dict:
     return row
 
 
+def fla_layout(q, k, v, f_pre) -> list[torch.Tensor]:
+    """FLA's inputs (B, T, H, D) and its log forget gate, as fresh leaves that take gradients."""
+    qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    return [qf, kf, vf, F.logsigmoid(f_pre.detach()).transpose(1, 2).contiguous().requires_grad_()]
+
+
+@contextmanager
+def fla_guard_lifted():
+    """FLA refuses its gated backward on Hopper + Triton < 3.7.1 (wrong results, FLA #640); lifted, its
+    fw+bw runs as a speed anchor only, its gradients unused."""
+    import fla.ops.common.chunk_o as fla_chunk_o
+
+    hopper, fla_chunk_o.IS_NVIDIA_HOPPER = fla_chunk_o.IS_NVIDIA_HOPPER, False
+    try:
+        yield
+    finally:
+        fla_chunk_o.IS_NVIDIA_HOPPER = hopper
+
+
 def bench_fla(B, H, S, D) -> dict:
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
@@ -108,19 +127,14 @@ def bench_fla(B, H, S, D) -> dict:
     except Exception as e:
         return {"fla": f"import failed: {type(e).__name__}: {e}"}
     q, k, v, _, f_pre = mlstm_inputs(B, H, S, D)
-    qf, kf, vf = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # FLA layout (B, T, H, D)
-    gf = F.logsigmoid(f_pre).transpose(1, 2).contiguous().requires_grad_()
-    xs = [qf, kf, vf, gf]
+    xs = fla_layout(q, k, v, f_pre)
     row = {}
     with torch.no_grad():
         row["fla_fw"] = attempt(lambda: chunk_simple_gla(*xs))
     row["fla_fwbw"] = attempt(fw_bw(lambda *a: chunk_simple_gla(*a)[0], xs), xs)
     if isinstance(row["fla_fwbw"], str) and fla_chunk_o.IS_NVIDIA_HOPPER:
-        # FLA refuses its gated backward on Hopper + Triton < 3.7.1 (wrong results, FLA #640);
-        # time it anyway with the guard lifted: a speed anchor only, its gradients are not used.
-        fla_chunk_o.IS_NVIDIA_HOPPER = False
-        row["fla_fwbw_guard_lifted"] = attempt(fw_bw(lambda *a: chunk_simple_gla(*a)[0], xs), xs)
-        fla_chunk_o.IS_NVIDIA_HOPPER = True
+        with fla_guard_lifted():
+            row["fla_fwbw_guard_lifted"] = attempt(fw_bw(lambda *a: chunk_simple_gla(*a)[0], xs), xs)
     return row
 
 
@@ -183,20 +197,18 @@ def bench_profile(B, H, S, D) -> dict:
     row = {}
     with torch.no_grad():
         row["profile_ours_fw"] = outcome(lambda: kernel_times(lambda: mlstm_chunkwise_triton(*xs)))
-    row["profile_ours_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
+    row["profile_ours_fwbw"] = outcome(
+        lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
     try:
-        import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception as e:
         return row | {"profile_fla": f"import failed: {type(e).__name__}: {e}"}
-    qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in xs[:3])
-    gf = F.logsigmoid(xs[4].detach()).transpose(1, 2).contiguous().requires_grad_()
-    fla_xs = [qf, kf, vf, gf]
+    fla_xs = fla_layout(*xs[:3], xs[4])
     with torch.no_grad():
         row["profile_fla_fw"] = outcome(lambda: kernel_times(lambda: chunk_simple_gla(*fla_xs)))
-    hopper, fla_chunk_o.IS_NVIDIA_HOPPER = fla_chunk_o.IS_NVIDIA_HOPPER, False  # guard lifted, as in bench_fla
-    row["profile_fla_fwbw"] = outcome(lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
-    fla_chunk_o.IS_NVIDIA_HOPPER = hopper
+    with fla_guard_lifted():
+        row["profile_fla_fwbw"] = outcome(
+            lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
     return row
 
 
