@@ -24,6 +24,7 @@ graph time / its time. The persistent chain is checked against an fp32 PyTorch c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -117,12 +118,13 @@ class Chain:
         self.flat = torch.cat([w.flatten() for w in self.weights])
         self.x = torch.randn(hidden, device="cuda", generator=g)
         ints = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int64)  # noqa: E731
-        sizes = [w.numel() for w in self.weights]
-        self.w_offsets = ints([sum(sizes[:i]) for i in range(len(sizes))])
+        starts = lambda sizes: [0, *itertools.accumulate(sizes)][:-1]  # noqa: E731
+        self.w_offsets = ints(starts(w.numel() for w in self.weights))
         self.n_rows, self.k_cols = ints([n for n, _ in self.shapes]), ints([k for _, k in self.shapes])
-        slots = [hidden] + [n for n, _ in self.shapes]
-        self.y_offsets = ints([sum(slots[:i]) for i in range(len(slots))])
-        self.acts = torch.zeros(sum(slots), device="cuda")
+        slot_sizes = [hidden] + [n for n, _ in self.shapes]
+        self.slots = starts(slot_sizes)  # where each phase's input starts in acts (the last: the output)
+        self.y_offsets = ints(self.slots)
+        self.acts = torch.zeros(sum(slot_sizes), device="cuda")
         self.acts[:hidden] = self.x
         self.counter = torch.zeros(1, device="cuda", dtype=torch.int32)
 
@@ -148,7 +150,7 @@ class Chain:
 
     def launched(self, block_rows: int, pdl: bool, num_warps: int = 4):
         """The chain as one _matvec launch per phase into the same activation slots."""
-        slots = [int(o) for o in self.y_offsets]
+        slots = self.slots
 
         def run():
             for p, (w, (n, k)) in enumerate(zip(self.weights, self.shapes)):
@@ -160,7 +162,7 @@ class Chain:
         return run
 
     def output(self) -> torch.Tensor:
-        return self.acts[int(self.y_offsets[-1]):]
+        return self.acts[self.slots[-1]:]
 
     def graph(self):
         y = self.x.bfloat16()[None]  # (1, hidden): the decoder's B=1 products
