@@ -98,16 +98,15 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
-# A/B of the reverse pass (benchmarks/ab_bwd_states.py): the next chunk's gates loaded during this one
-# (PREFETCH), ∂L/∂n on the tensor cores (N_DOT), as _fwd_states does; 0, 0 is the measured pass
-BWD_STATES_AB = {"PREFETCH": 0, "N_DOT": 0}
-BWD_STATES_KEY = TUNING_KEY + list(BWD_STATES_AB)
 # With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes walk chunks of SUPER_CHUNK tokens,
 # then fill in the finer chunks in parallel (0: one level). Measured on an H200 (bf16, D = 64,
 # benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
 # with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
+# The coarse reverse pass keeps the row-sum ∂L/∂n and in-chunk gate loads: with N_DOT at L = SUPER_CHUNK,
+# autotuning hit an illegal address on an H200 (Triton 3.6.0); PREFETCH alone there was not measured.
+COARSE_BWD = {"PREFETCH": 0, "N_DOT": 0}
 
 
 @triton.jit
@@ -333,13 +332,13 @@ def _rev_gates(b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, S_pad_b, NC, 
     )
 
 
-@triton.autotune(STATE_CONFIGS, key=BWD_STATES_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
     q, dh, b, ms, m_t, den, dqn, D, A, dC_end, dn_end, dm_end, dCs, dns, dms,
     S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
     HAS_END: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr = 0, N_DOT: tl.constexpr = 0,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr, N_DOT: tl.constexpr,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH*NSEG).
 
@@ -351,6 +350,10 @@ def _bwd_states(
     min(NC, (seg+1)·SEG) - 1 down to seg·SEG from row i_bh·END_STRIDE + seg + 1 of (dC_end, dn_end,
     dm_end) (HAS_END; else zero: the final state carries no gradient) and stores the gradient at each
     chunk's end, the first segment also at chunk 0.
+
+    PREFETCH: chunk c-1's gates (_rev_gates) load during chunk c; N_DOT: ∂L/∂n is carried as 16 equal
+    columns updated by a tensor-core product instead of a cross-warp row sum. Both as _fwd_states does;
+    together 1.74× faster at (8, 9, 8K, 64) on an H200 (benchmarks/RESULTS-kernels.md, run 4).
     """
     i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh, seg = pid // NSEG, pid % NSEG
@@ -661,18 +664,18 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
                 S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L,
-                **consts, **BWD_STATES_AB,
+                **consts, **COARSE_BWD,
             )
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
                 S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L,
-                **consts, **BWD_STATES_AB,
+                **consts, PREFETCH=1, N_DOT=1,
             )
         else:
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
                 S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L,
-                **consts, **BWD_STATES_AB,
+                **consts, PREFETCH=1, N_DOT=1,
             )
         buckets = _size_buckets(BH, NC)
         dq = torch.empty_like(q)
