@@ -17,7 +17,7 @@
 # workers, and the SWA kernel's tests (autotune test aside) ran within a 230 s call beside a part of them.
 # Needs torch+triton with CUDA, pytest-xdist for `tests`, the teacher file for `student`, fla-core /
 # mlstm_kernels importable for their anchor rows (missing anchors are recorded as errors, not fatal;
-# PARTS=profile gives the per-kernel times of ours and FLA).
+# PARTS=profile gives the per-kernel times of ours and FLA, PARTS=headline the goal's ratios alone).
 # Results go to OUT_DIR as each part finishes.
 set -euo pipefail
 

@@ -7,7 +7,8 @@ choice) vs FLA
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs our Triton window + sinks (kernels/swa_triton.py, autotuned; its forward's relative
 error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error. "profile": each
-kernel's time inside ours and FLA, forward and fw+bw (not in the default parts).
+kernel's time inside ours and FLA, forward and fw+bw; "headline": ours and FLA's forward and fw+bw
+alone, and their ratios (neither in the default parts).
 
     python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
@@ -212,8 +213,30 @@ def bench_profile(B, H, S, D) -> dict:
     return row
 
 
+def bench_headline(B, H, S, D) -> dict:
+    """The goal's ratio alone: ours (shipped choice) and FLA (guard lifted), forward and fw+bw, ms."""
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+    row = {}
+    with torch.no_grad():
+        row["ours_fw"] = outcome(lambda: ms(lambda: mlstm_chunkwise_triton(*xs)))
+    row["ours_fwbw"] = outcome(lambda: ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:
+        return row | {"fla": f"import failed: {type(e).__name__}: {e}"}
+    fla_xs = fla_layout(*xs[:3], xs[4])
+    with torch.no_grad():
+        row["fla_fw"] = outcome(lambda: ms(lambda: chunk_simple_gla(*fla_xs)))
+    with fla_guard_lifted():
+        row["fla_fwbw"] = outcome(lambda: ms(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
+    for name in ("fw", "fwbw"):
+        ours, fla = row[f"ours_{name}"], row[f"fla_{name}"]
+        row[f"fla/ours_{name}"] = fla / ours if isinstance(ours, float) and isinstance(fla, float) else None
+    return row
+
+
 PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention,
-         "profile": bench_profile}
+         "profile": bench_profile, "headline": bench_headline}
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MIXERS = ("hybrid", "swa", "mlstm")
 
@@ -69,8 +70,11 @@ def _decode_step(
     out, scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_O: tl.constexpr,
-    MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr,
+    MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched early by the product before: wait for it, and let the next product load its weights
+        gdc_wait()
+        gdc_launch_dependents()
     b, h = tl.program_id(0), tl.program_id(1)
     hkv = h // (H // HKV)
     d = tl.arange(0, D)
@@ -175,7 +179,7 @@ def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
 
 def fused_decode_step(
     proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ogate, ring, sinks, *,
-    mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None,
+    mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
     the mLSTM state (hybrid, mlstm) and the ring buffer (hybrid, swa).
@@ -188,6 +192,8 @@ def fused_decode_step(
     (H, (H + 2 Hkv) D), bias (H,); ring: k, v (B, Hkv, W, D), positions (W,) int64, -1 = empty;
     sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen. D a power of two >= 16.
     launch: (block_w, num_warps), powers of two; ``default_launch`` when None.
+    pdl: launch as a programmatic dependent launch (Hopper; kernels/decode_rowwise.pdl_capable), between
+    products that are such launches too.
     """
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
@@ -226,7 +232,7 @@ def fused_decode_step(
         out, 1.0 / math.sqrt(D), eps,
         H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)),
         BLOCK_W=block_w, BLOCK_O=min(1024, triton.next_power_of_2((H + 2 * Hkv) * D)),
-        MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope,
-        num_warps=num_warps,
+        MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl,
     )
     return out

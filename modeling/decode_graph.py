@@ -6,13 +6,16 @@ sink buffers), so the step can be captured once
 and replayed: ``decode_step`` is the student's layer forward for one token with the position held
 in a device tensor and no host syncs; it reuses the student's own modules and branch functions.
 
-Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0), 8 launches per layer of a
-pre-norm teacher (Llama, Qwen2): residual add + RMSNorm (kernels/decode_rowwise.py), one GEMM for the
-concatenated q/k/v/igate/fgate projections, the fused attention kernel (kernels/decode_step.py: RoPE,
-feature maps, mLSTM step, window+sink attention, output gate, ring write), o_proj, residual add +
-RMSNorm, one GEMM for the concatenated gate/up projections, SiLU(gate)·up, down_proj. Olmo2 adds its
-two QK-norms and does hidden + RMSNorm(delta) in one launch each (10). The projections are packed once
-by ``pack_projections``. Elsewhere the pure-PyTorch step below, which the fast path is tested against.
+Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0) of a pre-norm teacher (Llama,
+Qwen2): per layer the fused attention kernel (kernels/decode_step.py: RoPE, feature maps, mLSTM step,
+window+sink attention, output gate, ring write) between the products, each layer's four products packed
+once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are Triton launches
+(kernels/decode_rowwise.py) that fold the residual add + RMSNorm into the q/k/v/gates and gate/up
+products and SiLU(gate)·up into down_proj, and on Hopper stream their weights while the kernel before
+still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
+``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
+Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. Elsewhere the
+pure-PyTorch step below, which the fast path is tested against.
 
 Precondition: the prefill saw every sink of every row (at least ``sinks`` real prompt tokens),
 so a decode step never writes a sink.
@@ -33,16 +36,24 @@ Packed = tuple[torch.Tensor, torch.Tensor | None]  # weight (N, d), bias (N,) or
 SILU_ACTS = ("silu", "swish")  # hidden_act values whose act(gate)·up runs in the Triton kernel
 
 
+# Up to this many rows the products read each weight once in a Triton launch (measured at B=1: the
+# decode_floor chain and benchmarks/RESULTS-gpu.md run 4); above, cuBLAS's tiles win.
+ROW_PRODUCTS_MAX_B = 4
+
+
 @dataclass(frozen=True)
 class PackedLayer:
     """One layer's projections for the fused step, stacked and cast once to the compute dtype.
 
     qkv: [q; k; v; ĩ; f̃], weight (N, d), bias (N,), N = (H + 2·Hkv)·D + 2H (a projection without bias
-    contributes zeros); gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias).
+    contributes zeros); o: o_proj; gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias);
+    down: down_proj.
     """
 
     qkv: Packed
+    o: Packed
     gate_up: Packed
+    down: Packed
 
 
 def fused_step_takes(model, x: torch.Tensor) -> bool:
@@ -52,11 +63,17 @@ def fused_step_takes(model, x: torch.Tensor) -> bool:
 
 
 def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
-    """Per layer, the packed q/k/v/igate/fgate and gate/up projections in ``dtype``.
+    """Per layer, the packed q/k/v/igate/fgate, o, gate/up and down projections in ``dtype``.
 
-    Memory: a second copy of those weights, (N + 2I)·d elements of ``dtype`` per layer (SmolLM2-135M
-    in bf16: 34 MB for q/k/v/gates and 106 MB for gate/up, beside its ~270 MB of weights).
+    Memory: a second copy of the q/k/v/gates and gate/up weights, (N + 2I)·d elements of ``dtype`` per
+    layer (SmolLM2-135M in bf16: 34 MB and 106 MB, beside its ~270 MB of weights); o and down are the
+    modules' own weights where they are in ``dtype`` already, else a cast copy.
     """
+
+    def own(linear) -> Packed:
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        return linear.weight.detach().to(dtype), bias
+
     packed = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -69,71 +86,99 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
             mlp_bias = torch.cat([mlp.gate_proj.bias.detach(), mlp.up_proj.bias.detach()]).to(dtype)
         packed.append(PackedLayer(
             qkv=(torch.cat([p.weight.detach() for p in parts]).to(dtype), qkv_bias.to(dtype)),
+            o=own(attn.o_proj),
             gate_up=(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]).to(dtype), mlp_bias),
+            down=own(mlp.down_proj),
         ))
     return packed
 
 
-def fused_mlp(mlp, x: torch.Tensor, gate_up: Packed, silu: bool) -> torch.Tensor:
-    """The MLP's output (B, d) for x (B, d): one GEMM for [gate; up], act(gate)·up in one Triton kernel
-    where ``silu`` (else the module's own activation in torch), then down_proj."""
-    projected = F.linear(x, *gate_up)  # (B, 2I)
-    if silu:
-        from xmerge.kernels.decode_rowwise import silu_mul
+class Products:
+    """The step's products, as cuBLAS launches between row kernels or (``rows``) as few-row Triton launches
+    with the norm or the SiLU folded into their input. Inputs and outputs are (B, width) rows."""
 
-        return mlp.down_proj(silu_mul(projected))
-    gate, up = projected.chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act(gate) * up)
+    def __init__(self, rows: bool):
+        self.rows = rows
+
+    def plain(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if self.rows:
+            from xmerge.kernels.decode_rowwise import linear
+
+            return linear(x, *packed)
+        return F.linear(x, *packed)
+
+    def normed(self, hidden: torch.Tensor, delta: torch.Tensor | None, norm, packed: Packed):
+        """(residual, y): residual = hidden (+ delta), y = the product of RMSNorm(residual) (pre-norm)."""
+        from xmerge.kernels.decode_rowwise import add_rms_norm, norm_linear, rms_norm
+
+        if self.rows:
+            residual, y = norm_linear(hidden, *packed, norm.weight, norm.eps, delta)
+            return hidden if delta is None else residual, y
+        if delta is None:
+            return hidden, F.linear(rms_norm(hidden, norm.weight, norm.eps), *packed)
+        hidden, x = add_rms_norm(hidden, delta, norm.weight, norm.eps)
+        return hidden, F.linear(x, *packed)
+
+    def down(self, mlp, gate_up: torch.Tensor, packed: Packed, silu: bool) -> torch.Tensor:
+        """down_proj(act(gate)·up) of gate_up (B, 2I); SiLU in Triton where ``silu``, else the module's act."""
+        if silu:
+            from xmerge.kernels.decode_rowwise import silu_linear, silu_mul
+
+            return silu_linear(gate_up, *packed) if self.rows else F.linear(silu_mul(gate_up), *packed)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.plain(mlp.act(gate) * up, packed)
 
 
-def _fused_attention(attn, x, cos, sin, slot, start, lc: LayerCache, qkv: Packed) -> torch.Tensor:
-    """h (B, H, D) of one token x (B, d) through the fused kernel; updates lc's state and ring in place."""
-    from xmerge.kernels.decode_rowwise import rms_norm
+def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
+    """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃] projections proj (B, N) through the fused
+    kernel; updates lc's state and ring in place."""
+    from xmerge.kernels.decode_rowwise import pdl_capable, rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
     if not all(t.is_contiguous() for t in lc.mlstm):  # the kernel updates the state in place
         lc.mlstm = tuple(t.contiguous() for t in lc.mlstm)
-    proj = F.linear(x, *qkv)  # (B, N) raw [q; k; v; ĩ; f̃]
     qd, kd = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
     q, k = proj[:, :qd], proj[:, qd : qd + kd]
     config = attn.config
     if config.qk_norm:
         q, k = rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
-    return fused_decode_step(
+    h = fused_decode_step(
         proj, q, k, cos, sin, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
         (attn.ogate.weight, attn.ogate.bias), (lc.ring_k, lc.ring_v, lc.ring_pos),
         (lc.sink_k, lc.sink_v, lc.sink_pos),
         mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
+        pdl=products.rows and pdl_capable(proj),
     )
+    return h.view(h.shape[0], -1)
 
 
 def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer]) -> torch.Tensor:
     """The final norm's output (B, d) for embeddings hidden (B, d) through every layer on the fast path."""
-    from xmerge.kernels.decode_rowwise import add_normed, add_rms_norm, rms_norm
+    from xmerge.kernels.decode_rowwise import LINEAR_MAX_K, add_normed, add_rms_norm, rms_norm
 
-    inner = model.model
+    inner, config = model.model, model.config
     layers = inner.layers
-    silu = model.config.hidden_act in SILU_ACTS
+    silu = config.hidden_act in SILU_ACTS
+    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
+    products = Products(rows=hidden.shape[0] <= ROW_PRODUCTS_MAX_B and max(widths) <= LINEAR_MAX_K)
     cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
-    post_norm = layers[0].post_norm
-    x = hidden if post_norm else rms_norm(hidden, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
-    for i, (layer, lc, pack) in enumerate(zip(layers, cache.layers, packed)):
-        attn = layer.self_attn
-        h = _fused_attention(attn, x, cos, sin, slot, start, lc, pack.qkv)
-        attn_out = attn.o_proj(h.view(h.shape[0], -1))
-        norm = layer.post_attention_layernorm
-        if post_norm:  # Olmo2: hidden + RMSNorm(attn); hidden + RMSNorm(mlp(hidden))
-            hidden = add_normed(hidden, attn_out, norm.weight, norm.eps)
-            ff_norm = layer.post_feedforward_layernorm
-            mlp_out = fused_mlp(layer.mlp, hidden, pack.gate_up, silu)
-            hidden = x = add_normed(hidden, mlp_out, ff_norm.weight, ff_norm.eps)
-        else:  # the second add is normed by the next layer's input norm (the final norm after the last)
-            hidden, x = add_rms_norm(hidden, attn_out, norm.weight, norm.eps)
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
-            mlp_out = fused_mlp(layer.mlp, x, pack.gate_up, silu)
-            hidden, x = add_rms_norm(hidden, mlp_out, following.weight, following.eps)
-    return rms_norm(hidden, inner.norm.weight, inner.norm.eps) if post_norm else x
+    if layers[0].post_norm:  # Olmo2: hidden + RMSNorm(attn(hidden)); hidden + RMSNorm(mlp(hidden))
+        for layer, lc, pack in zip(layers, cache.layers, packed):
+            h = _fused_attention(layer.self_attn, products.plain(hidden, pack.qkv), cos, sin, slot, start, lc, products)
+            norm, ff_norm = layer.post_attention_layernorm, layer.post_feedforward_layernorm
+            hidden = add_normed(hidden, products.plain(h, pack.o), norm.weight, norm.eps)
+            mlp_out = products.down(layer.mlp, products.plain(hidden, pack.gate_up), pack.down, silu)
+            hidden = add_normed(hidden, mlp_out, ff_norm.weight, ff_norm.eps)
+        return rms_norm(hidden, inner.norm.weight, inner.norm.eps)
+    mlp_out = None  # the last MLP's output, added to hidden by the next norm
+    for layer, lc, pack in zip(layers, cache.layers, packed):
+        hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
+        h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
+        attn_out = products.plain(h, pack.o)
+        hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
+        mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)
+    return add_rms_norm(hidden, mlp_out, inner.norm.weight, inner.norm.eps)[1]
 
 
 def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torch.Tensor:

@@ -173,6 +173,51 @@ def test_row_kernels_equal_the_torch_modules(dtypes):
         check(silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:])
 
 
+@kernel_test
+@pytest.mark.parametrize("dtypes", list(ROW_DTYPES))
+@pytest.mark.parametrize("B", [1, 3])
+def test_row_products_equal_torch(dtypes, B):
+    """The few-row products (plain, residual add + RMSNorm folded in, SiLU folded in) against F.linear
+    after the torch modules, with biases, a strided input and the residual they store."""
+    from xmerge.kernels.decode_rowwise import linear, norm_linear, silu_linear
+
+    hidden_dtype, delta_dtype, weight_dtype = ROW_DTYPES[dtypes]
+    compute = torch.bfloat16 if dtypes == "autocast" else weight_dtype  # the packed weights' dtype
+    tol = 1e-5 if dtypes == "fp32" else 8e-3 if CUDA else 1.6e-2  # the interpreter: as for the row kernels
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    K, N, inter = 576, 978, 1536  # SmolLM2's hidden, packed q/k/v/gates and intermediate widths
+    norm = RMSNorm(K, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(K, generator=g))
+    norm = norm.to(DEVICE, weight_dtype)
+    w, bias = (rnd(N, K) / K**0.5).to(compute), rnd(N).to(compute)
+    w_down = (rnd(K, inter) / inter**0.5).to(compute)
+    hidden, delta = (4 * rnd(B, K)).to(hidden_dtype), rnd(B, K).to(delta_dtype)
+    rows = rnd(B, 2 * K).to(compute)[:, K // 2 : K // 2 + K]  # strided, as the attention output is not
+    gate_up = rnd(B, 3 * inter).to(compute)[:, : 2 * inter]
+
+    def check(got, want):
+        assert got.dtype == want.dtype and rel_err(got, want) < tol
+
+    F = torch.nn.functional
+    with torch.no_grad():
+        check(linear(rows, w, bias), F.linear(rows, w, bias))
+        check(linear(rows, w), F.linear(rows, w))
+        residual, y = norm_linear(hidden, w, bias, norm.weight, norm.eps, delta)
+        check(residual, hidden + delta)
+        check(y, F.linear(norm(hidden + delta).to(compute), w, bias))
+        residual, y = norm_linear(hidden, w, None, norm.weight, norm.eps)
+        assert residual is None
+        check(y, F.linear(norm(hidden).to(compute), w))
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        check(silu_linear(gate_up, w_down), F.linear(act, w_down))
+        with pytest.raises(ValueError, match="at most"):
+            linear(torch.zeros(B, 4096, device=DEVICE), torch.zeros(8, 4096, device=DEVICE))
+        with pytest.raises(ValueError, match="weight"):
+            linear(rows, w.t())
+
+
 def prefilled(model, prompt_len: int = 20):
     """The model's cache after a left-padded prompt of 2 rows (row 1: 5 pads) and the next tokens."""
     ids = torch.randint(0, 259, (2, prompt_len), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -192,13 +237,22 @@ def student(family: str, mixer: str):
 FAMILIES = ["llama", "qwen2", "olmo2"]  # pre-norm; pre-norm with q/k/v biases; post-norm with QK-norm
 
 
+def products_as(rows: bool, monkeypatch):
+    """Route the fused step's products to the few-row Triton launches (rows) or to cuBLAS (B = 2 here)."""
+    from xmerge.modeling import decode_graph
+
+    monkeypatch.setattr(decode_graph, "ROW_PRODUCTS_MAX_B", 4 if rows else 0)
+
+
 @kernel_test
+@pytest.mark.parametrize("rows", [True, False])
 @pytest.mark.parametrize("mixer,family", [
     *itertools.product(["hybrid", "swa", "mlstm"], FAMILIES), ("hybrid", "llama-mlp-bias"),
 ])
-def test_fused_step_equals_reference_step_fp32(mixer, family):
+def test_fused_step_equals_reference_step_fp32(mixer, family, rows, monkeypatch):
     from xmerge.modeling.decode_graph import decode_step, pack_projections
 
+    products_as(rows, monkeypatch)
     model = student(family, mixer).to(DEVICE)
     with torch.no_grad():
         ref_cache, tok = prefilled(model)
@@ -303,12 +357,16 @@ def test_switch_off_or_fused_false_captures_the_reference_step(monkeypatch):
 
 
 @kernel_test
-@pytest.mark.parametrize("family,launches", [("llama", 8), ("olmo2", 10)])
-def test_fused_step_launches_few_kernels_per_layer(family, launches, monkeypatch):
+@pytest.mark.parametrize("family,rows,launches", [
+    ("llama", True, 5), ("llama", False, 8), ("olmo2", True, 9), ("olmo2", False, 10),
+])
+def test_fused_step_launches_few_kernels_per_layer(family, rows, launches, monkeypatch):
     """Launches per layer of the fused step: the ops the torch dispatcher runs (views and allocations
     excluded) plus the Triton kernels, against the reference step's ops (the interpreter's own torch ops
     inside a Triton call are not counted)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    products_as(rows, monkeypatch)
 
     from xmerge.kernels.decode_rowwise import _norm_rows
     from xmerge.modeling.decode_graph import decode_step, pack_projections

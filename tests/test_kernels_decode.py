@@ -1,5 +1,5 @@
-"""CPU pieces of the fused decode step (modeling/decode_graph.py): the packed q/k/v/gate and gate/up
-projections, and the MLP's torch fallback for activations the Triton kernel does not take.
+"""CPU pieces of the fused decode step (modeling/decode_graph.py): the packed projections, and the MLP's
+torch fallback for activations the Triton kernels do not take.
 
 The kernels themselves need triton (tests/test_gpu_decode.py, on the device or in the Triton interpreter);
 the pure-PyTorch decode step they are tested against is held to the eager forward in
@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from common import tiny_student, tiny_teacher
 from xmerge.modeling.convert import convert_teacher
-from xmerge.modeling.decode_graph import fused_mlp, fused_step_takes, pack_projections
+from xmerge.modeling.decode_graph import Products, fused_step_takes, pack_projections
 
 
 def llama_student_with(**teacher_fields):
@@ -56,6 +56,10 @@ def test_packed_projections_give_the_layer_projections(name):
             gate, up = F.linear(x, *pack.gate_up).chunk(2, dim=1)
             assert torch.equal(gate, mlp.gate_proj(x)) and torch.equal(up, mlp.up_proj(x))
             assert (pack.gate_up[1] is None) == (name != "llama-mlp-bias")
+            wide = torch.randn(3, mlp.down_proj.in_features, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(F.linear(x, *pack.o), attn.o_proj(x))
+            assert torch.equal(F.linear(wide, *pack.down), mlp.down_proj(wide))
+            assert pack.o[0].data_ptr() == attn.o_proj.weight.data_ptr()  # in the compute dtype: not copied
 
 
 def test_pack_casts_once_to_the_compute_dtype():
@@ -63,7 +67,7 @@ def test_pack_casts_once_to_the_compute_dtype():
     layer = model.model.layers[1]
     attn, mlp = layer.self_attn, layer.mlp
     pack = pack_projections(model, torch.bfloat16)[1]
-    assert all(t.dtype == torch.bfloat16 for t in (*pack.qkv, *pack.gate_up))
+    assert all(t.dtype == torch.bfloat16 for t in (*pack.qkv, *pack.gate_up, *pack.down, pack.o[0]))
     D, d, inter = attn.head_dim, model.config.hidden_size, model.config.intermediate_size
     N = (attn.heads + 2 * attn.kv_heads) * D + 2 * attn.heads
     assert pack.qkv[0].shape == (N, d) and pack.qkv[1].shape == (N,)
@@ -72,15 +76,19 @@ def test_pack_casts_once_to_the_compute_dtype():
     assert torch.equal(pack.qkv[1][-attn.heads :], attn.fgate.bias.to(torch.bfloat16))
     assert torch.equal(pack.gate_up[0][inter:], mlp.up_proj.weight.to(torch.bfloat16))
     assert torch.equal(pack.gate_up[1][:inter], mlp.gate_proj.bias.to(torch.bfloat16))
+    assert torch.equal(pack.down[0], mlp.down_proj.weight.to(torch.bfloat16))
+    assert torch.equal(pack.down[1], mlp.down_proj.bias.to(torch.bfloat16))
 
 
-def test_fused_mlp_without_silu_runs_the_modules_activation():
+def test_mlp_without_silu_runs_the_modules_activation():
     model = llama_student_with(hidden_act="gelu_pytorch_tanh", mlp_bias=True)
     x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     packed = pack_projections(model, torch.float32)
+    products = Products(rows=False)
     with torch.no_grad():
         for layer, pack in zip(model.model.layers, packed):
-            assert torch.equal(fused_mlp(layer.mlp, x, pack.gate_up, silu=False), layer.mlp(x))
+            gate_up = products.plain(x, pack.gate_up)
+            assert torch.equal(products.down(layer.mlp, gate_up, pack.down, silu=False), layer.mlp(x))
 
 
 def test_fused_step_stays_off_on_cpu():
