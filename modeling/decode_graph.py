@@ -93,6 +93,13 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
     return packed
 
 
+def row_products_take(config, batch: int, max_width: int) -> bool:
+    """Whether the step's products run as few-row Triton launches: at most ROW_PRODUCTS_MAX_B rows, and
+    every product's input (hidden, intermediate, attention output) at most max_width wide (one tile)."""
+    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
+    return batch <= ROW_PRODUCTS_MAX_B and max(widths) <= max_width
+
+
 class Products:
     """The step's products, as cuBLAS launches between row kernels or (``rows``) as few-row Triton launches
     with the norm or the SiLU folded into their input. Inputs and outputs are (B, width) rows."""
@@ -160,8 +167,7 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
     inner, config = model.model, model.config
     layers = inner.layers
     silu = config.hidden_act in SILU_ACTS
-    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
-    products = Products(rows=hidden.shape[0] <= ROW_PRODUCTS_MAX_B and max(widths) <= LINEAR_MAX_K)
+    products = Products(rows=row_products_take(config, hidden.shape[0], LINEAR_MAX_K))
     cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
     if layers[0].post_norm:  # Olmo2: hidden + RMSNorm(attn(hidden)); hidden + RMSNorm(mlp(hidden))
         for layer, lc, pack in zip(layers, cache.layers, packed):

@@ -15,7 +15,9 @@ from transformers import LlamaForCausalLM
 
 from common import tiny_student, tiny_teacher
 from xmerge.modeling.convert import convert_teacher
-from xmerge.modeling.decode_graph import Products, fused_step_takes, pack_projections
+from xmerge.modeling.decode_graph import (
+    ROW_PRODUCTS_MAX_B, Products, fused_step_takes, pack_projections, row_products_take,
+)
 
 
 def llama_student_with(**teacher_fields):
@@ -94,3 +96,10 @@ def test_mlp_without_silu_runs_the_modules_activation():
 def test_fused_step_stays_off_on_cpu():
     model = tiny_student("llama")
     assert not fused_step_takes(model, torch.zeros(1))
+
+
+def test_row_products_take_few_rows_of_one_tile_width():
+    config = tiny_student("llama").config  # hidden 64, intermediate 128, 4 heads × 16
+    assert row_products_take(config, 1, 2048) and row_products_take(config, ROW_PRODUCTS_MAX_B, 2048)
+    assert not row_products_take(config, ROW_PRODUCTS_MAX_B + 1, 2048)  # cuBLAS tiles for wider batches
+    assert row_products_take(config, 1, 128) and not row_products_take(config, 1, 127)  # intermediate too wide
