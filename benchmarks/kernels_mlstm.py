@@ -192,45 +192,36 @@ def kernel_times(fn, grads=(), steps: int = 5) -> dict[str, float]:
     return {e.key[:60]: round(e.device_time_total / steps, 1) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def bench_profile(B, H, S, D) -> dict:
-    """Where the time goes, kernel by kernel: ours (shipped choice) and FLA, forward and fw+bw."""
+def _ours_and_fla(B, H, S, D, measure, prefix: str) -> dict:
+    """measure(fn, grads) of ours (shipped choice) and FLA (guard lifted), forward and fw+bw."""
     xs = mlstm_inputs(B, H, S, D, requires_grad=True)
     row = {}
     with torch.no_grad():
-        row["profile_ours_fw"] = outcome(lambda: kernel_times(lambda: mlstm_chunkwise_triton(*xs)))
-    row["profile_ours_fwbw"] = outcome(
-        lambda: kernel_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
+        row[f"{prefix}ours_fw"] = outcome(lambda: measure(lambda: mlstm_chunkwise_triton(*xs), ()))
+    row[f"{prefix}ours_fwbw"] = outcome(lambda: measure(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception as e:
-        return row | {"profile_fla": f"import failed: {type(e).__name__}: {e}"}
+        return row | {f"{prefix}fla": f"import failed: {type(e).__name__}: {e}"}
     fla_xs = fla_layout(*xs[:3], xs[4])
     with torch.no_grad():
-        row["profile_fla_fw"] = outcome(lambda: kernel_times(lambda: chunk_simple_gla(*fla_xs)))
+        row[f"{prefix}fla_fw"] = outcome(lambda: measure(lambda: chunk_simple_gla(*fla_xs), ()))
     with fla_guard_lifted():
-        row["profile_fla_fwbw"] = outcome(
-            lambda: kernel_times(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
+        row[f"{prefix}fla_fwbw"] = outcome(
+            lambda: measure(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
     return row
 
 
+def bench_profile(B, H, S, D) -> dict:
+    """Where the time goes, kernel by kernel (µs per kernel)."""
+    return _ours_and_fla(B, H, S, D, kernel_times, "profile_")
+
+
 def bench_headline(B, H, S, D) -> dict:
-    """The goal's ratio alone: ours (shipped choice) and FLA (guard lifted), forward and fw+bw, ms."""
-    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
-    row = {}
-    with torch.no_grad():
-        row["ours_fw"] = outcome(lambda: ms(lambda: mlstm_chunkwise_triton(*xs)))
-    row["ours_fwbw"] = outcome(lambda: ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs))
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception as e:
-        return row | {"fla": f"import failed: {type(e).__name__}: {e}"}
-    fla_xs = fla_layout(*xs[:3], xs[4])
-    with torch.no_grad():
-        row["fla_fw"] = outcome(lambda: ms(lambda: chunk_simple_gla(*fla_xs)))
-    with fla_guard_lifted():
-        row["fla_fwbw"] = outcome(lambda: ms(fw_bw(lambda *a: chunk_simple_gla(*a)[0], fla_xs), fla_xs))
+    """The goal's ratio alone (ms, and FLA / ours)."""
+    row = _ours_and_fla(B, H, S, D, ms, "")
     for name in ("fw", "fwbw"):
-        ours, fla = row[f"ours_{name}"], row[f"fla_{name}"]
+        ours, fla = row[f"ours_{name}"], row.get(f"fla_{name}")
         row[f"fla/ours_{name}"] = fla / ours if isinstance(ours, float) and isinstance(fla, float) else None
     return row
 
