@@ -36,8 +36,9 @@ Packed = tuple[torch.Tensor, torch.Tensor | None]  # weight (N, d), bias (N,) or
 SILU_ACTS = ("silu", "swish")  # hidden_act values whose act(gate)·up runs in the Triton kernel
 
 
-# Up to this many rows the products read each weight once in a Triton launch (measured at B=1: the
-# decode_floor chain and benchmarks/RESULTS-gpu.md run 4); above, cuBLAS's tiles win.
+# Up to this many rows the products are few-row Triton launches, each weight read once a step as at B=1,
+# where they were measured (decode_floor's chain, benchmarks/RESULTS-gpu.md run 4: 1.77× the cuBLAS step).
+# B = 2..4 is tested, not timed; wider batches keep cuBLAS, whose tiles reuse each weight across rows.
 ROW_PRODUCTS_MAX_B = 4
 
 
