@@ -194,7 +194,7 @@ def test_row_products_equal_torch(dtypes, B):
     w, bias = (rnd(N, K) / K**0.5).to(compute), rnd(N).to(compute)
     w_down = (rnd(K, inter) / inter**0.5).to(compute)
     hidden, delta = (4 * rnd(B, K)).to(hidden_dtype), rnd(B, K).to(delta_dtype)
-    rows = rnd(B, 2 * K).to(compute)[:, K // 2 : K // 2 + K]  # strided, as the attention output is not
+    rows = rnd(B, 2 * K).to(compute)[:, K // 2 : K // 2 + K]  # a strided view: any row stride is taken
     gate_up = rnd(B, 3 * inter).to(compute)[:, : 2 * inter]
 
     def check(got, want):
@@ -366,10 +366,10 @@ def test_fused_step_launches_few_kernels_per_layer(family, rows, launches, monke
     inside a Triton call are not counted)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    products_as(rows, monkeypatch)
-
     from xmerge.kernels.decode_rowwise import _norm_rows
     from xmerge.modeling.decode_graph import decode_step, pack_projections
+
+    products_as(rows, monkeypatch)
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
