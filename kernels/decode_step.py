@@ -44,10 +44,9 @@ def _rope(ptr, d, D: tl.constexpr, cos, sin):
 
 
 @triton.jit
-def _feature_map(u, w_ptr, b_ptr, d, D: tl.constexpr):
-    """softmax(u W + b) over the feature axis; u (D,) fp32, W (D, D), b (D,) at the head's pointers."""
-    w = tl.load(w_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
-    z = tl.sum(u[:, None] * w, 0) + tl.load(b_ptr + d).to(tl.float32)
+def _feature_map(u, w, bias):
+    """softmax(u W + b) over the feature axis; u (D,), W (D, D), b (D,), all fp32."""
+    z = tl.sum(u[:, None] * w, 0) + bias
     z = tl.exp(z - tl.max(z, 0))
     return z / tl.sum(z, 0)
 
@@ -62,6 +61,25 @@ def _attend(scores, vals, m_i, l_i, acc):
 
 
 @triton.jit
+def _ring_block(ring_k, ring_v, ring_pos, kv, w0, d, W: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Ring slots w0 .. w0 + BLOCK_W of kv row ``kv``: their positions (-1 past W) and keys, values (fp32)."""
+    j = w0 + tl.arange(0, BLOCK_W)
+    rp = tl.load(ring_pos + j, mask=j < W, other=-1)
+    kv_off = (kv * W + j[:, None]) * D + d[None, :]
+    kw = tl.load(ring_k + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
+    vw = tl.load(ring_v + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
+    return rp, kw, vw
+
+
+@triton.jit
+def _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W: tl.constexpr):
+    """_attend over one ring block: slots count inside the window (1 <= pos − ring_pos < W) and from ``first``."""
+    rel = pos - rp
+    ok = (rp >= 0) & (rel >= 1) & (rel < W) & (rp >= first)
+    return _attend(tl.where(ok, tl.sum(qs[None, :] * kw, 1), float("-inf")), vw, m_i, l_i, acc)
+
+
+@triton.jit
 def _decode_step(
     proj, q_in, k_in, stride_proj, stride_q, stride_k,
     cos, sin, slot, start,
@@ -72,38 +90,66 @@ def _decode_step(
     S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_O: tl.constexpr,
     MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    b, h = tl.program_id(0), tl.program_id(1)
+    hkv = h // (H // HKV)
+    kv = b * HKV + hkv
+    bh = b * H + h
+    d = tl.arange(0, D)
+    NQKV: tl.constexpr = (H + 2 * HKV) * D
+    RING_ONE_BLOCK: tl.constexpr = W <= BLOCK_W
+    OGATE_ONE_BLOCK: tl.constexpr = NQKV <= BLOCK_O
+
+    # Everything but the token's projections first: no kernel of this step writes the RoPE rows (made before
+    # the first layer), the weights, or this layer's state, ring and sinks (last written a step ago). Under
+    # PDL these loads overlap the product before, and only the projections wait for it.
+    c = tl.load(cos + b * D + d).to(tl.float32)
+    s = tl.load(sin + b * D + d).to(tl.float32)
+    if MLSTM:
+        fq_off = fq_w + h * D * D + d[:, None] * D + d[None, :]
+        fk_off = fk_w + hkv * D * D + d[:, None] * D + d[None, :]
+        wq, wk = tl.load(fq_off).to(tl.float32), tl.load(fk_off).to(tl.float32)
+        bq = tl.load(fq_b + h * D + d).to(tl.float32)
+        bk = tl.load(fk_b + hkv * D + d).to(tl.float32)
+        c_ptr = C + bh * D * D + d[:, None] * D + d[None, :]
+        state, norm, m_old = tl.load(c_ptr), tl.load(n + bh * D + d), tl.load(m + bh)
+    if SWA:
+        pos = tl.load(slot)
+        first = tl.load(start + b)
+        if S > 0:
+            js = tl.arange(0, S_PAD)
+            sp = tl.load(sink_pos + b * S + js, mask=js < S, other=-1)
+            sink_off = (kv * S + js[:, None]) * D + d[None, :]
+            ks = tl.load(sink_k + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
+            vs = tl.load(sink_v + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
+        if RING_ONE_BLOCK:
+            rp0, kw0, vw0 = _ring_block(ring_k, ring_v, ring_pos, kv, 0, d, W, D, BLOCK_W)
+    if MLSTM and SWA:
+        og_b_h = tl.load(og_b + h).to(tl.float32)
+        if OGATE_ONE_BLOCK:
+            jo0 = tl.arange(0, BLOCK_O)
+            og0 = tl.load(og_w + h * NQKV + jo0, mask=jo0 < NQKV, other=0.0).to(tl.float32)
+
     if PDL:  # launched early by the product before: wait for it, and let the next product load its weights
         gdc_wait()
         gdc_launch_dependents()
-    b, h = tl.program_id(0), tl.program_id(1)
-    hkv = h // (H // HKV)
-    d = tl.arange(0, D)
-    NQKV: tl.constexpr = (H + 2 * HKV) * D
-    c = tl.load(cos + b * D + d).to(tl.float32)
-    s = tl.load(sin + b * D + d).to(tl.float32)
     q_rot, q = _rope(q_in + b * stride_q + h * D, d, D, c, s)
     k_rot, k = _rope(k_in + b * stride_k + hkv * D, d, D, c, s)
     v = tl.load(proj + b * stride_proj + (H + HKV) * D + hkv * D + d).to(tl.float32)
 
     if MLSTM:
         if FMAP_AFTER_ROPE:
-            phi_q = _feature_map(q_rot, fq_w + h * D * D, fq_b + h * D, d, D)
-            phi_k = _feature_map(k_rot, fk_w + hkv * D * D, fk_b + hkv * D, d, D)
+            phi_q, phi_k = _feature_map(q_rot, wq, bq), _feature_map(k_rot, wk, bk)
         else:
-            phi_q = _feature_map(q, fq_w + h * D * D, fq_b + h * D, d, D)
-            phi_k = _feature_map(k, fk_w + hkv * D * D, fk_b + hkv * D, d, D)
+            phi_q, phi_k = _feature_map(q, wq, bq), _feature_map(k, wk, bk)
         i_pre = tl.load(proj + b * stride_proj + NQKV + h).to(tl.float32)
         f_pre = tl.load(proj + b * stride_proj + NQKV + H + h).to(tl.float32)
         log_f = tl.minimum(f_pre, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f_pre)))  # log σ(f̃), as torch does it
-        bh = b * H + h
-        m_old = tl.load(m + bh)
         m_new = tl.maximum(log_f + m_old, i_pre)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no mass yet: any finite value gives 0
         f_act = tl.exp(log_f + m_old - m_safe)
         i_act = tl.exp(i_pre - m_safe)
-        c_ptr = C + bh * D * D + d[:, None] * D + d[None, :]
-        state = f_act * tl.load(c_ptr) + i_act * (phi_k[:, None] * v[None, :])
-        norm = f_act * tl.load(n + bh * D + d) + i_act * phi_k
+        state = f_act * state + i_act * (phi_k[:, None] * v[None, :])
+        norm = f_act * norm + i_act * phi_k
         tl.store(c_ptr, state)
         tl.store(n + bh * D + d, norm)
         tl.store(m + bh, m_new)
@@ -111,32 +157,20 @@ def _decode_step(
         h_mlstm = tl.sum(phi_q[:, None] * state, 0) / den
 
     if SWA:
-        pos = tl.load(slot)
-        first = tl.load(start + b)
         qs = q_rot * scale
         # the token itself opens the softmax: the running max is finite from the start
         m_i = tl.sum(qs * k_rot, 0)
         l_i = tl.full([], 1.0, tl.float32)
         acc = v
-        kv = b * HKV + hkv
         if S > 0:
-            js = tl.arange(0, S_PAD)
-            sp = tl.load(sink_pos + b * S + js, mask=js < S, other=-1)
             sink_ok = (sp >= 0) & (pos - sp >= W)  # a sink inside the window is counted there, once
-            sink_off = (kv * S + js[:, None]) * D + d[None, :]
-            ks = tl.load(sink_k + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
-            vs = tl.load(sink_v + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
             m_i, l_i, acc = _attend(tl.where(sink_ok, tl.sum(qs[None, :] * ks, 1), float("-inf")), vs, m_i, l_i, acc)
-        for w0 in range(0, W, BLOCK_W):
-            j = w0 + tl.arange(0, BLOCK_W)
-            rp = tl.load(ring_pos + j, mask=j < W, other=-1)
-            rel = pos - rp
-            ok = (j < W) & (rel >= 1) & (rel < W) & (rp >= first)
-            kv_off = (kv * W + j[:, None]) * D + d[None, :]
-            kw = tl.load(ring_k + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
-            vw = tl.load(ring_v + kv_off, mask=(j < W)[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(qs[None, :] * kw, 1), float("-inf"))
-            m_i, l_i, acc = _attend(scores, vw, m_i, l_i, acc)
+        if RING_ONE_BLOCK:
+            m_i, l_i, acc = _attend_ring(qs, rp0, kw0, vw0, pos, first, m_i, l_i, acc, W)
+        else:
+            for w0 in range(0, W, BLOCK_W):
+                rp, kw, vw = _ring_block(ring_k, ring_v, ring_pos, kv, w0, d, W, D, BLOCK_W)
+                m_i, l_i, acc = _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W)
         h_swa = acc / l_i
         if h % (H // HKV) == 0:
             ring_slot = (kv * W + pos % W) * D + d
@@ -146,12 +180,17 @@ def _decode_step(
                 tl.store(ring_pos + pos % W, pos)
 
     if MLSTM and SWA:
-        o_acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-        for j0 in range(0, NQKV, BLOCK_O):
-            jo = j0 + tl.arange(0, BLOCK_O)
-            raw = tl.load(proj + b * stride_proj + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
-            o_acc += raw * tl.load(og_w + h * NQKV + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
-        o = tl.sigmoid(tl.sum(o_acc, 0) + tl.load(og_b + h).to(tl.float32))
+        if OGATE_ONE_BLOCK:
+            raw = tl.load(proj + b * stride_proj + jo0, mask=jo0 < NQKV, other=0.0).to(tl.float32)
+            o_pre = tl.sum(raw * og0, 0)
+        else:
+            o_acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+            for j0 in range(0, NQKV, BLOCK_O):
+                jo = j0 + tl.arange(0, BLOCK_O)
+                raw = tl.load(proj + b * stride_proj + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
+                o_acc += raw * tl.load(og_w + h * NQKV + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
+            o_pre = tl.sum(o_acc, 0)
+        o = tl.sigmoid(o_pre + og_b_h)
         result = o * h_mlstm + (1.0 - o) * h_swa
     elif MLSTM:
         result = h_mlstm

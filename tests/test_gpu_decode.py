@@ -84,6 +84,7 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
     (6, 2, 16, 5, 7, "hybrid", False, None),  # more sinks than window
     (4, 2, 16, 100, 4, "swa", False, None),
     (4, 2, 16, 100, 4, "mlstm", True, None),
+    (6, 2, 128, 64, 2, "hybrid", False, None),  # output gate over 1280 projections: its loop
 ])
 def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch):
     from xmerge.kernels.decode_step import fused_decode_step
