@@ -74,9 +74,10 @@ def _silu_mul(gate_up, out, stride, I: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _linear_rows(
-    w, bias, x, delta, norm_w, residual, y, stride_x, stride_delta, N, eps,
+    w, bias, x, delta, norm_w, residual, y, best_val, best_idx, stride_x, stride_delta, N, eps,
     B: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr,
     HAS_BIAS: tl.constexpr, IN_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, PDL: tl.constexpr,
+    ARGMAX: tl.constexpr,
 ):
     """y[b, rows] = W[rows] · pre(x[b]) (+ bias) for BN rows of W (N, K) and all B rows, K in one tile.
 
@@ -86,6 +87,8 @@ def _linear_rows(
     tile and bias, which no kernel writes, load before waiting for the kernel before, and the next one
     may launch as soon as every program got here: consecutive products stream their weights back to back
     (benchmarks/decode_floor.py: 120 such products in 234 µs against cuBLAS's 475 µs in a graph).
+    ARGMAX: also the program's greedy candidate per row, the first of its largest rounded outputs (NaN ranks
+    as +inf, as torch.argmax ranks it above all), to best_val / best_idx (B, programs).
     """
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.arange(0, BK)
@@ -115,7 +118,24 @@ def _linear_rows(
         acc = tl.sum(tile.to(tl.float32) * u[None, :], 1)
         if HAS_BIAS:
             acc += b_rows
-        tl.store(y + r * N + rows, acc.to(y.dtype.element_ty), mask=in_rows)
+        out = acc.to(y.dtype.element_ty)
+        tl.store(y + r * N + rows, out, mask=in_rows)
+        if ARGMAX:
+            val = out.to(tl.float32)
+            val = tl.where(in_rows, tl.where(val != val, float("inf"), val), float("-inf"))
+            tl.store(best_val + r * tl.num_programs(0) + tl.program_id(0), tl.max(val, 0))
+            tl.store(best_idx + r * tl.num_programs(0) + tl.program_id(0), tl.program_id(0) * BN + tl.argmax(val, 0))
+
+
+@triton.jit
+def _argmax_rows(best_val, best_idx, ids, stride_ids, P, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """ids[row] = the index of the first largest of the P programs' candidates (they cover rows in order)."""
+    if PDL:
+        gdc_wait()
+    row = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    vals = tl.load(best_val + row * P + i, mask=i < P, other=float("-inf"))
+    tl.store(ids + row * stride_ids, tl.load(best_idx + row * P + tl.argmax(vals, 0)))
 
 
 def _check_rows(*rows: torch.Tensor) -> None:
@@ -193,7 +213,9 @@ def pdl_capable(t: torch.Tensor) -> bool:
     return t.is_cuda and _hopper(t.device)
 
 
-def _launch_linear(x, weight, bias, pre: int, *, delta=None, norm=(None, 0.0), K=None, x_dtype=None, in_dtype=None):
+def _launch_linear(
+    x, weight, bias, pre: int, *, delta=None, norm=(None, 0.0), K=None, x_dtype=None, in_dtype=None, ids=None,
+):
     _check_rows(x, *(() if delta is None else (delta,)))
     B, N, K = x.shape[0], weight.shape[0], K or x.shape[1]
     if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != K or K > LINEAR_MAX_K:
@@ -204,13 +226,24 @@ def _launch_linear(x, weight, bias, pre: int, *, delta=None, norm=(None, 0.0), K
     y = x.new_empty(B, N, dtype=weight.dtype)
     residual = None if delta is None else x.new_empty(B, K, dtype=in_dtype)
     pdl = pdl_capable(x)
-    _linear_rows[(triton.cdiv(N, LINEAR_BLOCK_ROWS),)](
+    programs = triton.cdiv(N, LINEAR_BLOCK_ROWS)
+    best_val = best_idx = y  # pointers the launch never touches without ids
+    if ids is not None:
+        if ids.shape != (B, 1) or ids.dtype != torch.int64:
+            raise ValueError(f"linear rows: ids must be ({B}, 1) int64, got {tuple(ids.shape)} {ids.dtype}")
+        best_val = x.new_empty(B, programs, dtype=torch.float32)
+        best_idx = x.new_empty(B, programs, dtype=torch.int64)
+    _linear_rows[(programs,)](
         weight, y if bias is None else bias, x, x if delta is None else delta, x if norm[0] is None else norm[0],
-        y if residual is None else residual, y, x.stride(0), 0 if delta is None else delta.stride(0), N, norm[1],
+        y if residual is None else residual, y, best_val, best_idx, x.stride(0),
+        0 if delta is None else delta.stride(0), N, norm[1],
         B=B, K=K, BK=triton.next_power_of_2(K), BN=LINEAR_BLOCK_ROWS, PRE=pre, HAS_BIAS=bias is not None,
         IN_DTYPE=_TL_DTYPES[in_dtype or x.dtype], X_DTYPE=_TL_DTYPES[x_dtype or x.dtype], PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        ARGMAX=ids is not None, num_warps=4, launch_pdl=pdl,
     )
+    if ids is not None:
+        _argmax_rows[(B,)](best_val, best_idx, ids, ids.stride(0), programs, BLOCK=triton.next_power_of_2(programs),
+                           PDL=pdl, num_warps=8, launch_pdl=pdl)
     return residual, y
 
 
@@ -219,12 +252,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _launch_linear(x, weight, bias, 0)[1]
 
 
-def norm_linear(x, weight, bias, norm_weight, eps: float, delta=None):
+def norm_linear(x, weight, bias, norm_weight, eps: float, delta=None, ids=None):
     """(residual, y): with delta, residual = x + delta and y = F.linear(RMSNorm(residual), weight, bias);
-    without, residual None and y = F.linear(RMSNorm(x), ...). x, delta (B, K); norm_weight (K,)."""
+    without, residual None and y = F.linear(RMSNorm(x), ...). x, delta (B, K); norm_weight (K,).
+
+    ids: a (B, 1) int64 tensor to receive y.argmax(-1) (greedy decoding's next tokens from the LM head), in
+    one more launch that reduces the products' per-program candidates.
+    """
     in_dtype = x.dtype if delta is None else _promote(x.dtype, delta.dtype)
     return _launch_linear(x, weight, bias, 1 if delta is None else 2, delta=delta, norm=(norm_weight, eps),
-                          x_dtype=_promote(norm_weight.dtype, in_dtype), in_dtype=in_dtype)
+                          x_dtype=_promote(norm_weight.dtype, in_dtype), in_dtype=in_dtype, ids=ids)
 
 
 def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

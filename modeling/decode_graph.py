@@ -14,7 +14,8 @@ once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are
 products and SiLU(gate)·up into down_proj, and on Hopper stream their weights while the kernel before
 still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
 ``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
-Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. Elsewhere the
+Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. With row products the
+final norm, the LM head and the greedy argmax are two launches (``_fused_head``). Elsewhere the
 pure-PyTorch step below, which the fast path is tested against.
 
 Precondition: the prefill saw every sink of every row (at least ``sinks`` real prompt tokens),
@@ -103,10 +104,11 @@ def row_products_take(config, batch: int, max_width: int) -> bool:
 
 class Products:
     """The step's products, as cuBLAS launches between row kernels or (``rows``) as few-row Triton launches
-    with the norm or the SiLU folded into their input. Inputs and outputs are (B, width) rows."""
+    with the norm or the SiLU folded into their input. Inputs and outputs are (B, width) rows; dtype is the
+    packed weights' (the compute dtype)."""
 
-    def __init__(self, rows: bool):
-        self.rows = rows
+    def __init__(self, rows: bool, dtype: torch.dtype):
+        self.rows, self.dtype = rows, dtype
 
     def plain(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         if self.rows:
@@ -161,14 +163,14 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products
     return h.view(h.shape[0], -1)
 
 
-def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer]) -> torch.Tensor:
-    """The final norm's output (B, d) for embeddings hidden (B, d) through every layer on the fast path."""
-    from xmerge.kernels.decode_rowwise import LINEAR_MAX_K, add_normed, add_rms_norm, rms_norm
+def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer], products):
+    """(residual, delta) for embeddings hidden (B, d) through every layer on the fast path: the final norm's
+    input is residual + delta (pre-norm: delta is the last MLP's output, not yet added), or residual alone
+    (post-norm, delta None)."""
+    from xmerge.kernels.decode_rowwise import add_normed
 
-    inner, config = model.model, model.config
-    layers = inner.layers
-    silu = config.hidden_act in SILU_ACTS
-    products = Products(rows=row_products_take(config, hidden.shape[0], LINEAR_MAX_K))
+    layers = model.model.layers
+    silu = model.config.hidden_act in SILU_ACTS
     cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
     if layers[0].post_norm:  # Olmo2: hidden + RMSNorm(attn(hidden)); hidden + RMSNorm(mlp(hidden))
         for layer, lc, pack in zip(layers, cache.layers, packed):
@@ -177,7 +179,7 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
             hidden = add_normed(hidden, products.plain(h, pack.o), norm.weight, norm.eps)
             mlp_out = products.down(layer.mlp, products.plain(hidden, pack.gate_up), pack.down, silu)
             hidden = add_normed(hidden, mlp_out, ff_norm.weight, ff_norm.eps)
-        return rms_norm(hidden, inner.norm.weight, inner.norm.eps)
+        return hidden, None
     mlp_out = None  # the last MLP's output, added to hidden by the next norm
     for layer, lc, pack in zip(layers, cache.layers, packed):
         hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
@@ -185,7 +187,27 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
         attn_out = products.plain(h, pack.o)
         hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
         mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)
-    return add_rms_norm(hidden, mlp_out, inner.norm.weight, inner.norm.eps)[1]
+    return hidden, mlp_out
+
+
+def _fused_head(model, hidden, delta, products: Products, next_ids: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B, 1, V) of the final norm of hidden (+ delta); the greedy tokens into next_ids if given.
+
+    With row products and the LM head in the compute dtype (not an fp32 head under autocast), the add, the
+    norm, the head and the argmax are two launches; else the row norm, the module and torch's argmax.
+    """
+    from xmerge.kernels.decode_rowwise import add_rms_norm, norm_linear, rms_norm
+
+    norm, head = model.model.norm, model.lm_head
+    if products.rows and head.weight.dtype == products.dtype and head.weight.is_contiguous():
+        logits = norm_linear(hidden, head.weight, head.bias, norm.weight, norm.eps, delta, ids=next_ids)[1]
+        return logits[:, None]
+    final = rms_norm(hidden, norm.weight, norm.eps) if delta is None else add_rms_norm(hidden, delta, norm.weight,
+                                                                                       norm.eps)[1]
+    logits = head(final[:, None])
+    if next_ids is not None:
+        next_ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    return logits
 
 
 def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torch.Tensor:
@@ -208,12 +230,14 @@ def _reference_attention(attn, x, cos, sin, slot, start, lc: LayerCache) -> torc
 
 
 def decode_step(
-    model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache, packed: list[PackedLayer] | None = None
+    model, ids: torch.Tensor, slot: torch.Tensor, cache: HybridCache, packed: list[PackedLayer] | None = None,
+    next_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, 1, V) for ids (B, 1) at absolute slot (1,); updates the cache in place, not ``seen``.
 
     packed: ``pack_projections(model, ...)`` to run the fused kernels per layer (the caller checked
-    ``fused_step_takes``); None runs the pure-PyTorch step.
+    ``fused_step_takes``); None runs the pure-PyTorch step. next_ids: a (B, 1) int64 tensor to receive the
+    greedy tokens, the logits' argmax (it may be ids itself).
     """
     inner = model.model
     start = cache.start
@@ -221,12 +245,20 @@ def decode_step(
     hidden = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(hidden, position_ids)
     if packed is not None:
-        return model.lm_head(_fused_layers(model, hidden[:, 0], cos, sin, slot, start, cache, packed)[:, None])
+        from xmerge.kernels.decode_rowwise import LINEAR_MAX_K
+
+        products = Products(rows=row_products_take(model.config, ids.shape[0], LINEAR_MAX_K),
+                            dtype=packed[0].qkv[0].dtype)
+        hidden, delta = _fused_layers(model, hidden[:, 0], cos, sin, slot, start, cache, packed, products)
+        return _fused_head(model, hidden, delta, products, next_ids)
     for layer, lc in zip(inner.layers, cache.layers):
         attn = layer.self_attn
         h = _reference_attention(attn, layer.attention_input(hidden), cos, sin, slot, start, lc).transpose(1, 2)
         hidden = layer.finish(hidden, attn.o_proj(h.reshape(ids.shape[0], 1, -1)))
-    return model.lm_head(inner.norm(hidden))
+    logits = model.lm_head(inner.norm(hidden))
+    if next_ids is not None:
+        next_ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    return logits
 
 
 class GraphedGreedyDecoder:
@@ -267,8 +299,7 @@ class GraphedGreedyDecoder:
                     self._advance()
 
     def _advance(self):
-        logits = decode_step(self.model, self.ids, self.slot, self.cache, self.packed)
-        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        decode_step(self.model, self.ids, self.slot, self.cache, self.packed, next_ids=self.ids)
         self.slot.add_(1)
 
     @torch.inference_mode()

@@ -219,6 +219,35 @@ def test_row_products_equal_torch(dtypes, B):
             linear(rows, w.t())
 
 
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_norm_linear_argmax_is_the_first_largest_logit(dtype, B):
+    """The LM head with the greedy argmax folded in: the logits as without it, and each row's index the
+    first largest of them, also where equal logits sit in different programs' rows and one is NaN."""
+    from xmerge.kernels.decode_rowwise import LINEAR_BLOCK_ROWS, norm_linear
+
+    g = torch.Generator().manual_seed(2)
+    K, V = 64, 1001  # V not a multiple of the rows per program
+    w = torch.randn(V, K, generator=g).to(DEVICE, dtype)
+    hidden, delta = torch.randn(B, K, generator=g).to(DEVICE, dtype), torch.randn(B, K, generator=g).to(DEVICE, dtype)
+    norm_w = torch.ones(K, device=DEVICE, dtype=dtype)
+    tie = [3, 3 + LINEAR_BLOCK_ROWS, V - 1]  # rows of three programs, the first one's row first
+    with torch.no_grad():
+        _, want = norm_linear(hidden, w, None, norm_w, 1e-5, delta)
+        w[tie] = 10 * w[want[0].argmax()]  # row 0's logits tie at the top in those three rows
+        _, want = norm_linear(hidden, w, None, norm_w, 1e-5, delta)
+        ids = torch.full((B, 1), -1, dtype=torch.int64, device=DEVICE)
+        _, logits = norm_linear(hidden, w, None, norm_w, 1e-5, delta, ids=ids)
+        assert torch.equal(logits, want)
+        assert torch.equal(ids, logits.argmax(-1, keepdim=True)) and ids[0, 0] == tie[0]
+        w[500, 0] = float("nan")  # NaN logits in every row: torch ranks NaN above all
+        _, logits = norm_linear(hidden, w, None, norm_w, 1e-5, delta, ids=ids)
+        assert torch.equal(ids, logits.argmax(-1, keepdim=True)) and (ids == 500).all()
+        with pytest.raises(ValueError, match="ids"):
+            norm_linear(hidden, w, None, norm_w, 1e-5, delta, ids=ids.int())
+
+
 def prefilled(model, prompt_len: int = 20):
     """The model's cache after a left-padded prompt of 2 rows (row 1: 5 pads) and the next tokens."""
     ids = torch.randint(0, 259, (2, prompt_len), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -260,11 +289,12 @@ def test_fused_step_equals_reference_step_fp32(mixer, family, rows, monkeypatch)
         cache = copy.deepcopy(ref_cache)
         packed = pack_projections(model, torch.float32)
         slot = torch.tensor([cache.seen], device=DEVICE)
+        greedy = torch.empty_like(tok)
         for _ in range(25):  # wraps the window (8) three times; row 0's sinks fall outside it
             ref = decode_step(model, tok, slot, ref_cache)
-            ours = decode_step(model, tok, slot, cache, packed)
+            ours = decode_step(model, tok, slot, cache, packed, next_ids=greedy)
             slot += 1
-            assert rel_err(ours, ref) < 1e-5
+            assert rel_err(ours, ref) < 1e-5 and torch.equal(greedy, ours[:, -1:].argmax(-1))
             tok = ref[:, -1:].argmax(-1)
     for got, want in zip(cache.layers, ref_cache.layers):
         assert torch.equal(got.ring_pos, want.ring_pos)

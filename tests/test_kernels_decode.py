@@ -86,7 +86,7 @@ def test_mlp_without_silu_runs_the_modules_activation():
     model = llama_student_with(hidden_act="gelu_pytorch_tanh", mlp_bias=True)
     x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     packed = pack_projections(model, torch.float32)
-    products = Products(rows=False)
+    products = Products(rows=False, dtype=torch.float32)
     with torch.no_grad():
         for layer, pack in zip(model.model.layers, packed):
             gate_up = products.plain(x, pack.gate_up)
