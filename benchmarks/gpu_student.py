@@ -44,6 +44,14 @@ PREFILL_VARIANTS = {
     "student_compiled": ("student", "1"),
 }
 
+# decode runs: name -> (model, mode of ``decode``)
+DECODE_RUNS = {
+    "teacher": ("teacher", "eager"),
+    "student": ("student", "eager"),
+    "student_graph_unfused": ("student", "graph_unfused"),
+    "student_graph": ("student", "graph"),
+}
+
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one untimed call."""
@@ -128,6 +136,8 @@ def main() -> None:
     parser.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768,32x32768", help="BxPROMPT list")
     parser.add_argument("--teacher-compiled", default="1x4096,8x32768",
                         help="BxPROMPT decode configurations that also time the teacher's static-cache compiled path")
+    parser.add_argument("--decode-runs", default=",".join(DECODE_RUNS),
+                        help=f"decode runs to time, of {','.join(DECODE_RUNS)} (teacher_static_compiled: --teacher-compiled)")
     parser.add_argument("--hbm-tb-s", type=float, default=3.35, help="HBM bandwidth for the B=1 bound (H100 SXM: 3.35)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per configuration")
     parser.add_argument("--memory-steps", type=int, default=512, help="decode steps of the memory run (8x4096)")
@@ -136,6 +146,9 @@ def main() -> None:
     parser.add_argument("--profile-decode", default="", help="BxPROMPT list whose fused graph decode to profile")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    decode_runs = args.decode_runs.split(",")
+    if not set(decode_runs) <= set(DECODE_RUNS):
+        parser.error(f"--decode-runs: {args.decode_runs!r} names runs outside {','.join(DECODE_RUNS)}")
     # compiled code (the teacher's static path; Flex, for head dims the Triton SWA does not take) may
     # specialise per shape: every benchmarked shape must keep its compiled entry
     torch._dynamo.config.recompile_limit = 64
@@ -238,8 +251,7 @@ def main() -> None:
             steps = args.memory_steps if is_memory_run else args.steps
             checkpoints = tuple(s for s in (128, 256, 512, 1024, 2048) if s <= steps) if is_memory_run else ()
             row = {"batch": batch, "prompt": prompt, "steps": steps}
-            runs = {"teacher": (teacher, "eager"), "student": (student, "eager"),
-                    "student_graph_unfused": (student, "graph_unfused"), "student_graph": (student, "graph")}
+            runs = {name: (models[model], mode) for name, (model, mode) in DECODE_RUNS.items() if name in decode_runs}
             if config in args.teacher_compiled.split(","):
                 runs["teacher_static_compiled"] = (teacher, "static")
             for name, (model, mode) in runs.items():
