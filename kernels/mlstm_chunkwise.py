@@ -104,9 +104,10 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
-# The coarse reverse pass keeps the row-sum ∂L/∂n and in-chunk gate loads: with N_DOT at L = SUPER_CHUNK,
-# autotuning hit an illegal address on an H200 (Triton 3.6.0); PREFETCH alone there was not measured.
-COARSE_BWD = {"PREFETCH": 0, "N_DOT": 0}
+# The coarse reverse pass prefetches its gates (fw+bw 2.60 -> 2.40 ms at (1, 9, 64K, 64) on an H200, gradients
+# equal to 4e-10: benchmarks/coarse_bwd_flags.py) but keeps the row-sum ∂L/∂n: with N_DOT at L = SUPER_CHUNK,
+# autotuning hit an illegal address on an H200 (Triton 3.6.0).
+COARSE_BWD = {"PREFETCH": 1, "N_DOT": 0}
 
 
 @triton.jit
