@@ -239,9 +239,10 @@ def test_mlstm_stabiliser_gradient_through_the_chunk_chain_and_initial_state():
 
 
 def state_pass_fits(config, L: int, dtype: torch.dtype) -> bool:
-    """Whether a state-pass candidate's pipelined tiles fit in shared memory: num_stages copies of the
-    (L, BK) and (L, BV) input tiles. On an H200 this predicted which candidates ran out of shared memory
-    at 256-token chunks (8 of 8 in fp32, 8 of 8 in bf16)."""
+    """Whether a state-pass candidate's pipelined tiles surely fit in shared memory: num_stages copies of
+    the (L, BK) and (L, BV) input tiles. On an H200 this predicted exactly which candidates ran out of
+    shared memory at 256-token chunks while the coarse reverse pass did not prefetch its gates (8 of 8 in
+    fp32, 8 of 8 in bf16); with the prefetch, two candidates it rejects run (one per dtype)."""
     limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
     blocks = config.kwargs["BK"] + config.kwargs["BV"]
     return config.num_stages * L * blocks * torch.finfo(dtype).bits // 8 <= limit
@@ -252,9 +253,9 @@ def state_pass_fits(config, L: int, dtype: torch.dtype) -> bool:
 @pytest.mark.parametrize("index", range(max(len(configs) for configs in mk.TUNED.values())))
 def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     """Candidate ``index`` of every autotuned kernel (shorter lists wrap around), pinned: outputs and all
-    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state. A candidate whose
-    coarse state pass cannot fit in shared memory must fail with OutOfResources, which autotuning skips.
-    DK=64, DV=128 keep every candidate's blocks unclipped."""
+    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state. A candidate may fail
+    with OutOfResources (autotuning skips it) only where ``state_pass_fits`` leaves its coarse state
+    passes in doubt. DK=64, DV=128 keep every candidate's blocks unclipped."""
     B, NH, NKV, DK, DV, L = 1, 4, 2, 64, 128, 16
     q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, DK, DV, dtype, seed=16)
     _, k, v, _, _ = mlstm_inputs(B, NKV, S, DK, DV, dtype, seed=17)
@@ -268,12 +269,16 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
     assert all(len(mk._fit_blocks(c, {}, DK=DK, DV=DV)) == len(c) for c in mk.TUNED.values())
     state_config = mk.STATE_CONFIGS[index % len(mk.STATE_CONFIGS)]
-    if -(-S // L) > mk.SUPER_CHUNK // L and not state_pass_fits(state_config, mk.SUPER_CHUNK, dtype):
-        with mk.pinned_launches(index, DK, DV), pytest.raises(triton.runtime.errors.OutOfResources):
-            mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)[0].sum().backward()
-        return
+    fits = -(-S // L) <= mk.SUPER_CHUNK // L or state_pass_fits(state_config, mk.SUPER_CHUNK, dtype)
     with mk.pinned_launches(index, DK, DV) as configs:
-        h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
+        try:
+            h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
+            h.sum().backward(retain_graph=True)  # the reverse passes compile here: every kernel ran once
+        except triton.runtime.errors.OutOfResources:
+            assert not fits, configs
+            return
+        for x in xs + state:
+            x.grad = None
         rep = NH // NKV
         h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(
             refs[0], refs[1].repeat_interleave(rep, 1), refs[2].repeat_interleave(rep, 1), refs[3], refs[4],
