@@ -104,10 +104,12 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
-# The coarse reverse pass prefetches its gates (fw+bw 2.60 -> 2.40 ms at (1, 9, 64K, 64) on an H200, gradients
-# equal to 4e-10: benchmarks/coarse_bwd_flags.py) but keeps the row-sum ∂L/∂n: with N_DOT at L = SUPER_CHUNK,
-# autotuning hit an illegal address on an H200 (Triton 3.6.0).
-COARSE_BWD = {"PREFETCH": 1, "N_DOT": 0}
+# The coarse reverse pass (L = SUPER_CHUNK) prefetches its gates and carries ∂L/∂n on the tensor cores as the
+# fine passes do: fw+bw 2.60 -> 2.40 -> 2.05 ms at (1, 9, 64K, 64) on an H200 (benchmarks/coarse_bwd_flags.py).
+# Its candidates leave out 64 × 64 blocks over 4 warps: with N_DOT at L = 256 those gave gradients 3e-3 off
+# the others' at 16K and an illegal address at 64K (Triton 3.6.0), the other six agree within 3e-5.
+COARSE_BWD = {"PREFETCH": 1, "N_DOT": 1}
+COARSE_BWD_CONFIGS = [c for c in STATE_CONFIGS if not (c.kwargs["BK"] == c.kwargs["BV"] == 64 and c.num_warps == 4)]
 
 
 @triton.jit
@@ -418,6 +420,12 @@ def _bwd_states(
                 tl.store(dms + i_bh * (NC + 1), dmc)
 
 
+# the same pass over the coarse chunks of the two-level backward, tuned over its own candidates
+_bwd_states_coarse = triton.autotune(COARSE_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)(
+    _bwd_states.fn
+)
+
+
 @triton.autotune(CHUNK_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_chunk(
@@ -508,7 +516,14 @@ def _bwd_chunk(
     tl.store(df + i_bh * S + t, dfc.to(df.dtype.element_ty), mask=in_seq)
 
 
-TUNED = {_fwd_states: STATE_CONFIGS, _fwd_out: OUT_CONFIGS, _bwd_states: STATE_CONFIGS, _bwd_chunk: CHUNK_BWD_CONFIGS}
+TUNED = {
+    _fwd_states: STATE_CONFIGS, _fwd_out: OUT_CONFIGS, _bwd_states: STATE_CONFIGS,
+    _bwd_states_coarse: COARSE_BWD_CONFIGS, _bwd_chunk: CHUNK_BWD_CONFIGS,
+}
+
+
+def _tuned_name(kernel) -> str:
+    return "_bwd_states_coarse" if kernel is _bwd_states_coarse else kernel.base_fn.__name__
 
 
 @contextmanager
@@ -520,7 +535,7 @@ def pinned_launches(index: int, DK: int, DV: int):
         for kernel, candidates in TUNED.items():
             fitted = _fit_blocks(candidates, {}, DK=DK, DV=DV)
             kernel.configs = [fitted[index % len(fitted)]]
-        yield {kernel.base_fn.__name__: kernel.configs[0] for kernel in TUNED}
+        yield {_tuned_name(kernel): kernel.configs[0] for kernel in TUNED}
     finally:
         for kernel, kept in saved.items():
             kernel.configs = kept
@@ -662,7 +677,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _coarse_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
             dCs2 = torch.empty(BH, NC2 + 1, DK, DV, device=q.device, dtype=torch.float32)
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
-            _bwd_states[_state_grid(DK, DV, BH)](
+            _bwd_states_coarse[_state_grid(DK, DV, BH)](
                 q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
                 S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L,
                 **consts, **COARSE_BWD,
