@@ -268,8 +268,8 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     xs = leaves([q, k, v, i_pre, f_pre])
     refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
     assert all(len(mk._fit_blocks(c, {}, DK=DK, DV=DV)) == len(c) for c in mk.TUNED.values())
-    state_config = mk.STATE_CONFIGS[index % len(mk.STATE_CONFIGS)]
-    fits = -(-S // L) <= mk.SUPER_CHUNK // L or state_pass_fits(state_config, mk.SUPER_CHUNK, dtype)
+    coarse = [configs[index % len(configs)] for configs in (mk.STATE_CONFIGS, mk.COARSE_BWD_CONFIGS)]
+    fits = -(-S // L) <= mk.SUPER_CHUNK // L or all(state_pass_fits(c, mk.SUPER_CHUNK, dtype) for c in coarse)
     with mk.pinned_launches(index, DK, DV) as configs:
         try:
             h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
