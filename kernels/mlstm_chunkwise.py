@@ -105,9 +105,9 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
 # The coarse reverse pass (L = SUPER_CHUNK) prefetches its gates and carries ∂L/∂n on the tensor cores as the
-# fine passes do: fw+bw 2.60 -> 2.40 -> 2.05 ms at (1, 9, 64K, 64) on an H200 (benchmarks/coarse_bwd_flags.py).
+# fine passes do: fw+bw 2.60 -> 2.40 -> 2.01 ms at (1, 9, 64K, 64) on an H200 (benchmarks/coarse_bwd_flags.py).
 # Its candidates leave out 64 × 64 blocks over 4 warps: with N_DOT at L = 256 those gave gradients 3e-3 off
-# the others' at 16K and an illegal address at 64K (Triton 3.6.0), the other six agree within 3e-5.
+# the row-sum pass's at 16K and an illegal address at 64K (Triton 3.6.0); the other six agree within 1.2e-5.
 COARSE_BWD = {"PREFETCH": 1, "N_DOT": 1}
 COARSE_BWD_CONFIGS = [c for c in STATE_CONFIGS if not (c.kwargs["BK"] == c.kwargs["BV"] == 64 and c.num_warps == 4)]
 

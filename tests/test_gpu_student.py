@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from common import gpu, tiny_student
+from test_compiled_regions import REGIONS
 
 
 SEQ, WINDOW, SINKS, CHUNK = 200, 32, 4, 16  # crosses chunk and window boundaries many times
@@ -216,5 +217,5 @@ def test_auto_compile_takes_long_inference_calls_only(monkeypatch):
         counters.clear()
         monkeypatch.delenv("XMERGE_COMPILE")
         compiled = model(input_ids=ids).logits
-    assert counters["stats"]["unique_graphs"] == 4  # project, mlstm_inputs, hybrid_mix, finish
+    assert counters["stats"]["unique_graphs"] == REGIONS
     assert rel_err(compiled, eager) < 1e-4
