@@ -104,11 +104,9 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
-# The coarse reverse pass (L = SUPER_CHUNK) prefetches its gates and carries ∂L/∂n on the tensor cores as the
-# fine passes do: fw+bw 2.60 -> 2.40 -> 2.01 ms at (1, 9, 64K, 64) on an H200 (benchmarks/coarse_bwd_flags.py).
-# Its candidates leave out 64 × 64 blocks over 4 warps: with N_DOT at L = 256 those gave gradients 3e-3 off
-# the row-sum pass's at 16K and an illegal address at 64K (Triton 3.6.0); the other six agree within 1.2e-5.
-COARSE_BWD = {"PREFETCH": 1, "N_DOT": 1}
+# The coarse reverse pass (L = SUPER_CHUNK) tunes over its own candidates, without 64 × 64 blocks over 4 warps:
+# with ∂L/∂n on the tensor cores at L = 256 those gave gradients 3e-3 off the row-sum pass's at 16K and an
+# illegal address at 64K on an H200 (Triton 3.6.0); the other six agree within 1.2e-5 (RESULTS-kernels.md run 5).
 COARSE_BWD_CONFIGS = [c for c in STATE_CONFIGS if not (c.kwargs["BK"] == c.kwargs["BV"] == 64 and c.num_warps == 4)]
 
 
@@ -341,7 +339,7 @@ def _bwd_states(
     q, dh, b, ms, m_t, den, dqn, D, A, dC_end, dn_end, dm_end, dCs, dns, dms,
     S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
     HAS_END: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr, N_DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH*NSEG).
 
@@ -354,9 +352,9 @@ def _bwd_states(
     dm_end) (HAS_END; else zero: the final state carries no gradient) and stores the gradient at each
     chunk's end, the first segment also at chunk 0.
 
-    PREFETCH: chunk c-1's gates (_rev_gates) load during chunk c; N_DOT: ∂L/∂n is carried as 16 equal
-    columns updated by a tensor-core product instead of a cross-warp row sum. Both as _fwd_states does;
-    together 1.74× faster at (8, 9, 8K, 64) on an H200 (benchmarks/RESULTS-kernels.md, run 4).
+    As _fwd_states does, chunk c-1's gates (_rev_gates) load during chunk c, and ∂L/∂n is carried as 16
+    equal columns updated by a tensor-core product instead of a cross-warp row sum: together 1.74× faster at
+    (8, 9, 8K, 64) on an H200, and fw+bw 2.60 -> 2.01 ms at (1, 9, 64K, 64) (RESULTS-kernels.md, runs 4-5).
     """
     i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh, seg = pid // NSEG, pid % NSEG
@@ -379,8 +377,7 @@ def _bwd_states(
         c = first + last - 1 - cc
         st = i_bh * (NC + 1) + c
         tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
-        if N_DOT:
-            dn = tl.max(dn16, 1)
+        dn = tl.max(dn16, 1)
         if i_v == 0:
             tl.store(dns + (st + 1) * DK + o_k, dn)
             if i_k == 0:
@@ -389,29 +386,20 @@ def _bwd_states(
         in_seq = t < S
         qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
         dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        if PREFETCH:
-            bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n
-            bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
-                b, ms, m_t, den, dqn, D, A, tl.maximum(c - 1, first), i_bh, o_t, S, S_pad, S_pad_b, NC, NCF,
-                MS_STRIDE, L,
-            )
-        else:
-            bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = _rev_gates(
-                b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L,
-            )
+        bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n
+        bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
+            b, ms, m_t, den, dqn, D, A, tl.maximum(c - 1, first), i_bh, o_t, S, S_pad, S_pad_b, NC, NCF,
+            MS_STRIDE, L,
+        )
         a = tl.exp(bc + m_c - mt)
         qat = tl.trans((qc.to(tl.float32) * a[:, None]).to(qc.dtype))
         dnum = dhc.to(tl.float32) / denc[:, None]
         g = tl.exp(b_last + m_c - m_next)
         dC = dC * g + tl.dot(qat, dnum.to(qc.dtype), input_precision=PREC)
-        if N_DOT:
-            dq16 = (tl.zeros([L, 16], dtype=tl.float32) + dqnc[:, None]).to(qc.dtype)
-            dn16 = dn16 * g + tl.dot(qat, dq16, input_precision=PREC)
-        else:
-            dn = dn * g + tl.sum(qc.to(tl.float32) * a[:, None] * dqnc[:, None], 0)
+        dq16 = (tl.zeros([L, 16], dtype=tl.float32) + dqnc[:, None]).to(qc.dtype)
+        dn16 = dn16 * g + tl.dot(qat, dq16, input_precision=PREC)
         dmc = Dc + Ac * dmc
-    if N_DOT:
-        dn = tl.max(dn16, 1)
+    dn = tl.max(dn16, 1)
     if seg == 0:
         tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:
@@ -680,18 +668,17 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_states_coarse[_state_grid(DK, DV, BH)](
                 q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
                 S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L,
-                **consts, **COARSE_BWD,
+                **consts,
             )
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
                 S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L,
-                **consts, PREFETCH=1, N_DOT=1,
+                **consts,
             )
         else:
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L,
-                **consts, PREFETCH=1, N_DOT=1,
+                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts,
             )
         buckets = _size_buckets(BH, NC)
         dq = torch.empty_like(q)
