@@ -9,9 +9,10 @@ For one new token per row, program (b, h) computes, in fp32::
     mLSTM = φ(q)ᵀ C' / (max(|φ(q)ᵀ n'|, exp(−m')) + eps)
     SWA = softmax attention of q_rot over the sinks outside the window, the ring keys inside it
           and the token itself (one softmax, scale 1/√D, GQA)
-    o = σ(W_o [q_raw; k_raw; v_raw] + b_o);  h = o · mLSTM + (1 − o) · SWA
+    o = σ(õ);  h = o · mLSTM + (1 − o) · SWA      (õ = W_o [q_raw; k_raw; v_raw] + b_o, a projection)
 
-and writes h (B, H, D) plus the token's k_rot, v and position into ring slot ``pos % W``.
+and writes h (B, H, D), or with ``o_proj`` this head's share of o_proj(h) (B, H, d) for the next product to
+sum, plus the token's k_rot, v and position into ring slot ``pos % W``.
 The same math as the PyTorch reference (modeling/mlstm.mlstm_recurrent_step,
 modeling/swa.window_sink_attention), including m = −inf (no mass yet) and the sink/window rule.
 
@@ -83,11 +84,11 @@ def _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W: tl.constexpr):
 def _decode_step(
     proj, q_in, k_in, stride_proj, stride_q, stride_k,
     cos, sin, slot, start,
-    C, n, m, fq_w, fq_b, fk_w, fk_b, og_w, og_b,
+    C, n, m, fq_w, fq_b, fk_w, fk_b, o_w,
     ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
     out, scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_O: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, DM: tl.constexpr, BLOCK_M: tl.constexpr,
     MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
@@ -97,7 +98,6 @@ def _decode_step(
     d = tl.arange(0, D)
     NQKV: tl.constexpr = (H + 2 * HKV) * D
     RING_ONE_BLOCK: tl.constexpr = W <= BLOCK_W
-    OGATE_ONE_BLOCK: tl.constexpr = NQKV <= BLOCK_O
 
     # Everything but the token's projections first: no kernel of this step writes the RoPE rows (made before
     # the first layer), the weights, or this layer's state, ring and sinks (last written a step ago). Under
@@ -123,11 +123,6 @@ def _decode_step(
             vs = tl.load(sink_v + sink_off, mask=(js < S)[:, None], other=0.0).to(tl.float32)
         if RING_ONE_BLOCK:
             rp0, kw0, vw0 = _ring_block(ring_k, ring_v, ring_pos, kv, 0, d, W, D, BLOCK_W)
-    if MLSTM and SWA:
-        og_b_h = tl.load(og_b + h).to(tl.float32)
-        if OGATE_ONE_BLOCK:
-            jo0 = tl.arange(0, BLOCK_O)
-            og0 = tl.load(og_w + h * NQKV + jo0, mask=jo0 < NQKV, other=0.0).to(tl.float32)
 
     if PDL:  # launched early by the product before: wait for it, and let the next product load its weights
         gdc_wait()
@@ -180,23 +175,22 @@ def _decode_step(
                 tl.store(ring_pos + pos % W, pos)
 
     if MLSTM and SWA:
-        if OGATE_ONE_BLOCK:
-            raw = tl.load(proj + b * stride_proj + jo0, mask=jo0 < NQKV, other=0.0).to(tl.float32)
-            o_pre = tl.sum(raw * og0, 0)
-        else:
-            o_acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-            for j0 in range(0, NQKV, BLOCK_O):
-                jo = j0 + tl.arange(0, BLOCK_O)
-                raw = tl.load(proj + b * stride_proj + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
-                o_acc += raw * tl.load(og_w + h * NQKV + jo, mask=jo < NQKV, other=0.0).to(tl.float32)
-            o_pre = tl.sum(o_acc, 0)
-        o = tl.sigmoid(o_pre + og_b_h)
+        o = tl.sigmoid(tl.load(proj + b * stride_proj + NQKV + 2 * H + h).to(tl.float32))
         result = o * h_mlstm + (1.0 - o) * h_swa
     elif MLSTM:
         result = h_mlstm
     else:
         result = h_swa
-    tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
+    if DM > 0:
+        # o_proj's columns of this head times h rounded as the product's input (h's dtype: proj's, then the
+        # weight's): one launch a layer fewer; the next product sums the H partials in order (deterministic)
+        r = result.to(proj.dtype.element_ty).to(o_w.dtype.element_ty).to(tl.float32)
+        for m0 in tl.static_range(0, DM, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            w = tl.load(o_w + rows[:, None] * (H * D) + h * D + d[None, :], mask=(rows < DM)[:, None], other=0.0)
+            tl.store(out + (b * H + h) * DM + rows, tl.sum(w.to(tl.float32) * r[None, :], 1), mask=rows < DM)
+    else:
+        tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
 
 
 WIDE_PROGRAMS_MAX = 132  # an H200's SMs: up to about one program per SM, each takes the whole window
@@ -217,19 +211,22 @@ def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
 
 
 def fused_decode_step(
-    proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ogate, ring, sinks, *,
-    mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None, pdl: bool = False,
+    proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ring, sinks, *,
+    mixer: str, fmap_after_rope: bool, eps: float, o_proj: torch.Tensor | None = None,
+    launch: tuple[int, int] | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
     the mLSTM state (hybrid, mlstm) and the ring buffer (hybrid, swa).
 
-    proj: (B, N) raw [q; k; v; ĩ; f̃] projections, N = (H + 2 Hkv) D + 2H (v and the gates are read
-    here); q: (B, H·D), k: (B, Hkv·D) before RoPE (after QK-norm), may be strided views of proj;
-    cos, sin: (B, D) RoPE rows of the token; slot: (1,) its absolute position; start: (B,) each row's
-    first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
-    fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ogate: weight
-    (H, (H + 2 Hkv) D), bias (H,); ring: k, v (B, Hkv, W, D), positions (W,) int64, -1 = empty;
-    sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen. D a power of two >= 16.
+    proj: (B, N) raw [q; k; v; ĩ; f̃; õ] projections, N = (H + 2 Hkv) D + 3H (v, the gates and the output
+    gate's pre-activation õ are read here); q: (B, H·D), k: (B, Hkv·D) before RoPE (after QK-norm), may be
+    strided views of proj; cos, sin: (B, D) RoPE rows of the token; slot: (1,) its absolute position;
+    start: (B,) each row's first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
+    fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ring: k, v (B, Hkv, W, D),
+    positions (W,) int64, -1 = empty; sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen.
+    D a power of two >= 16.
+    o_proj: o_proj's weight (d, H·D), contiguous: return instead each head's share of o_proj(h) without bias,
+    (B, H, d) fp32, whose sum over heads is the product (``decode_rowwise.norm_linear`` takes it as delta).
     launch: (block_w, num_warps), powers of two; ``default_launch`` when None.
     pdl: launch as a programmatic dependent launch (Hopper; kernels/decode_rowwise.pdl_capable), between
     products that are such launches too.
@@ -247,30 +244,33 @@ def fused_decode_step(
     block_w, num_warps = launch or default_launch(D, W, B * H)
     if block_w < 1 or block_w & (block_w - 1) or num_warps < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"launch={launch}: block_w and num_warps must be powers of two")
-    if proj.shape[1] != (H + 2 * Hkv) * D + 2 * H or q.shape != (B, H * D) or k.shape != (B, Hkv * D):
+    if proj.shape[1] != (H + 2 * Hkv) * D + 3 * H or q.shape != (B, H * D) or k.shape != (B, Hkv * D):
         raise ValueError(
             f"fused decode step: proj {tuple(proj.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)} do not fit "
-            f"H={H}, Hkv={Hkv}, D={D}; expected proj (B, {(H + 2 * Hkv) * D + 2 * H})"
+            f"H={H}, Hkv={Hkv}, D={D}; expected proj (B, {(H + 2 * Hkv) * D + 3 * H})"
         )
+    if o_proj is not None and (o_proj.dim() != 2 or o_proj.shape[1] != H * D):
+        raise ValueError(f"fused decode step: o_proj {tuple(o_proj.shape)} does not take {H * D} inputs")
     for name, t in (("proj", proj), ("q", q), ("k", k)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused decode step: {name} must have unit stride in its last dim")
-    buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, cos, sin, *fmap_q, *fmap_k, *ogate)
-    if not all(t.is_contiguous() for t in buffers):
+    buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, cos, sin, *fmap_q, *fmap_k)
+    if not all(t.is_contiguous() for t in (*buffers, *(() if o_proj is None else (o_proj,)))):
         raise ValueError("fused decode step: state, ring, sink, cos/sin and weight tensors must be contiguous")
     if C.dtype != torch.float32:
         raise ValueError(f"fused decode step: the mLSTM state must be fp32, got {C.dtype}")
     if not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("fused_decode_step needs CUDA tensors; use modeling/decode_graph.decode_step's reference path")
-    out = proj.new_empty(B, H, D)
+    dm = 0 if o_proj is None else o_proj.shape[0]
+    out = proj.new_empty(B, H, D) if o_proj is None else proj.new_empty(B, H, dm, dtype=torch.float32)
     _decode_step[(B, H)](
         proj, q, k, proj.stride(0), q.stride(0), k.stride(0),
         cos, sin, slot, start,
-        C, n, m, *fmap_q, *fmap_k, *ogate,
+        C, n, m, *fmap_q, *fmap_k, out if o_proj is None else o_proj,
         ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
         out, 1.0 / math.sqrt(D), eps,
-        H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)),
-        BLOCK_W=block_w, BLOCK_O=min(1024, triton.next_power_of_2((H + 2 * Hkv) * D)),
+        H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)), BLOCK_W=block_w,
+        DM=dm, BLOCK_M=min(128, triton.next_power_of_2(max(dm, 1))),
         MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope, PDL=pdl,
         num_warps=num_warps, launch_pdl=pdl,
     )

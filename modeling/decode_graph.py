@@ -12,7 +12,8 @@ window+sink attention, output gate, ring write) between the products, each layer
 once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are Triton launches
 (kernels/decode_rowwise.py) that fold the residual add + RMSNorm into the q/k/v/gates and gate/up
 products and SiLU(gate)·up into down_proj, and on Hopper stream their weights while the kernel before
-still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
+still runs (programmatic dependent launch); o_proj then runs inside the attention kernel as per-head
+partial sums that the gate/up product adds up with the residual: 4 launches a layer. Wider batches, or widths past
 ``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
 Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. With row products the
 final norm, the LM head and the greedy argmax are two launches (``_fused_head``). Elsewhere the
@@ -47,8 +48,10 @@ ROW_PRODUCTS_MAX_B = 4
 class PackedLayer:
     """One layer's projections for the fused step, stacked and cast once to the compute dtype.
 
-    qkv: [q; k; v; ĩ; f̃], weight (N, d), bias (N,), N = (H + 2·Hkv)·D + 2H (a projection without bias
-    contributes zeros); o: o_proj; gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias);
+    qkv: [q; k; v; ĩ; f̃; õ], weight (N, d), bias (N,), N = (H + 2·Hkv)·D + 3H (a projection without bias
+    contributes zeros). õ, the output gate's pre-activation W_og [q; k; v] + b_og, is linear in the layer's
+    input, so its H rows are W_og·W_qkv and W_og·b_qkv + b_og (computed in fp64): the kernel step reads it
+    like a projection. o: o_proj; gate_up: [gate; up], weight (2I, d), bias (2I,) or None (no mlp_bias);
     down: down_proj.
     """
 
@@ -68,7 +71,7 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
     """Per layer, the packed q/k/v/igate/fgate, o, gate/up and down projections in ``dtype``.
 
     Memory: a second copy of the q/k/v/gates and gate/up weights, (N + 2I)·d elements of ``dtype`` per
-    layer (SmolLM2-135M in bf16: 34 MB and 106 MB, beside its ~270 MB of weights); o and down are the
+    layer (SmolLM2-135M in bf16: 35 MB and 106 MB, beside its ~270 MB of weights); o and down are the
     modules' own weights where they are in ``dtype`` already, else a cast copy.
     """
 
@@ -76,18 +79,24 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         return linear.weight.detach().to(dtype), bias
 
+    def bias(linear) -> torch.Tensor:
+        return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
     packed = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.igate, attn.fgate)
-        qkv_bias = torch.cat([
-            p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts
-        ])
+        raw = (attn.q_proj, attn.k_proj, attn.v_proj)
+        og_w = attn.ogate.weight.detach().double()
+        og_rows = og_w @ torch.cat([p.weight.detach() for p in raw]).double()
+        og_bias = og_w @ torch.cat([bias(p) for p in raw]).double() + bias(attn.ogate).double()
+        parts = (*raw, attn.igate, attn.fgate)
+        qkv = torch.cat([*(p.weight.detach().to(dtype) for p in parts), og_rows.to(dtype)])
+        qkv_bias = torch.cat([*(bias(p).to(dtype) for p in parts), og_bias.to(dtype)])
         mlp_bias = None
         if mlp.gate_proj.bias is not None:
             mlp_bias = torch.cat([mlp.gate_proj.bias.detach(), mlp.up_proj.bias.detach()]).to(dtype)
         packed.append(PackedLayer(
-            qkv=(torch.cat([p.weight.detach() for p in parts]).to(dtype), qkv_bias.to(dtype)),
+            qkv=(qkv, qkv_bias),
             o=own(attn.o_proj),
             gate_up=(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]).to(dtype), mlp_bias),
             down=own(mlp.down_proj),
@@ -139,9 +148,10 @@ class Products:
         return self.plain(mlp.act(gate) * up, packed)
 
 
-def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
-    """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃] projections proj (B, N) through the fused
-    kernel; updates lc's state and ring in place."""
+def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products, o_proj=None):
+    """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃; õ] projections proj (B, N) through the fused
+    kernel, or with o_proj (its weight) the heads' partial sums of o_proj(h) (B, H, d) fp32; updates lc's
+    state and ring in place."""
     from xmerge.kernels.decode_rowwise import pdl_capable, rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
@@ -155,19 +165,18 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products
     h = fused_decode_step(
         proj, q, k, cos, sin, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
-        (attn.ogate.weight, attn.ogate.bias), (lc.ring_k, lc.ring_v, lc.ring_pos),
-        (lc.sink_k, lc.sink_v, lc.sink_pos),
-        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
+        (lc.ring_k, lc.ring_v, lc.ring_pos), (lc.sink_k, lc.sink_v, lc.sink_pos),
+        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps, o_proj=o_proj,
         pdl=products.rows and pdl_capable(proj),
     )
-    return h.view(h.shape[0], -1)
+    return h if o_proj is not None else h.view(h.shape[0], -1)
 
 
 def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer], products):
     """(residual, delta) for embeddings hidden (B, d) through every layer on the fast path: the final norm's
     input is residual + delta (pre-norm: delta is the last MLP's output, not yet added), or residual alone
     (post-norm, delta None)."""
-    from xmerge.kernels.decode_rowwise import add_normed
+    from xmerge.kernels.decode_rowwise import add_normed, norm_linear
 
     layers = model.model.layers
     silu = model.config.hidden_act in SILU_ACTS
@@ -183,9 +192,14 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
     mlp_out = None  # the last MLP's output, added to hidden by the next norm
     for layer, lc, pack in zip(layers, cache.layers, packed):
         hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
-        h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
-        attn_out = products.plain(h, pack.o)
-        hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
+        norm = layer.post_attention_layernorm
+        if products.rows:  # o_proj in the attention step, its per-head partial sums added up by the next product
+            parts = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products, pack.o[0])
+            hidden, gate_up = norm_linear(hidden, *pack.gate_up, norm.weight, norm.eps, parts,
+                                          delta_bias=pack.o[1], delta_dtype=products.dtype)
+        else:
+            h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
+            hidden, gate_up = products.normed(hidden, products.plain(h, pack.o), norm, pack.gate_up)
         mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)
     return hidden, mlp_out
 

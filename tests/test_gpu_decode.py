@@ -48,7 +48,7 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
     q = proj[:, :qd].view(B, H, 1, D)
     k = proj[:, qd : qd + kd].view(B, Hkv, 1, D)
     v = proj[:, qd + kd : qd + 2 * kd].view(B, Hkv, 1, D)
-    i_pre, f_pre = proj[:, qd + 2 * kd :].split(H, dim=1)
+    i_pre, f_pre = proj[:, qd + 2 * kd : qd + 2 * kd + 2 * H].split(H, dim=1)
     q_rot, k_rot = apply_rotary_pos_emb(q, k, cos[:, None], sin[:, None])
     ring_k, ring_v, ring_pos = (t.clone() for t in ring)
     outs = {}
@@ -76,35 +76,38 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
 
 
 @kernel_test
-@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope,launch", [
-    (9, 3, 64, 100, 4, "hybrid", False, None),  # SmolLM2 heads, W not a power of two
-    (9, 3, 64, 100, 4, "hybrid", False, (16, 2)),  # seven ring blocks
-    (9, 3, 64, 100, 4, "hybrid", False, (256, 8)),  # one block wider than the ring
-    (4, 4, 32, 64, 0, "hybrid", True, None),  # no GQA, no sinks, feature maps on rotated q/k
-    (6, 2, 16, 5, 7, "hybrid", False, None),  # more sinks than window
-    (4, 2, 16, 100, 4, "swa", False, None),
-    (4, 2, 16, 100, 4, "mlstm", True, None),
-    (6, 2, 128, 64, 2, "hybrid", False, None),  # output gate over 1280 projections: its loop
+@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope,launch,o_proj", [
+    (9, 3, 64, 100, 4, "hybrid", False, None, False),  # SmolLM2 heads, W not a power of two
+    (9, 3, 64, 100, 4, "hybrid", False, None, True),  # o_proj's per-head partial sums instead of h
+    (9, 3, 64, 100, 4, "hybrid", False, (16, 2), False),  # seven ring blocks
+    (9, 3, 64, 100, 4, "hybrid", False, (256, 8), False),  # one block wider than the ring
+    (4, 4, 32, 64, 0, "hybrid", True, None, False),  # no GQA, no sinks, feature maps on rotated q/k
+    (6, 2, 16, 5, 7, "hybrid", False, None, True),  # more sinks than window
+    (4, 2, 16, 100, 4, "swa", False, None, True),
+    (4, 2, 16, 100, 4, "mlstm", True, None, False),
+    (6, 2, 128, 64, 2, "hybrid", False, None, False),
 ])
-def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch):
+def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch, o_proj):
     from xmerge.kernels.decode_step import fused_decode_step
 
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
-    B, pos, eps = 3, 150, 1e-6
-    proj = rnd(B, (H + 2 * Hkv) * D + 2 * H)
+    B, pos, eps, width = 3, 150, 1e-6, 200  # width: o_proj's outputs, not a multiple of its row block
+    ogate = (0.1 * rnd(H, (H + 2 * Hkv) * D), rnd(H))
+    raw = rnd(B, (H + 2 * Hkv) * D + 2 * H)
+    proj = torch.cat([raw, raw[:, : (H + 2 * Hkv) * D] @ ogate[0].T + ogate[1]], 1)  # õ: the output gate's input
     angle = rnd(B, D // 2)
     cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
     start = torch.tensor([0, 70, 140], device=DEVICE)[:B]  # row 1: sinks inside the window; row 2: short
     state = (rnd(B, H, D, D).abs(), rnd(B, H, D).abs(), rnd(B, H))
     state[2][0, 0] = float("-inf")  # a head with no mass yet
     fmaps = ((rnd(H, D, D), rnd(H, D)), (rnd(Hkv, D, D), rnd(Hkv, D)))
-    ogate = (0.1 * rnd(H, (H + 2 * Hkv) * D), rnd(H))
     ring_pos = torch.arange(pos - W, pos, device=DEVICE)
     ring_pos = ring_pos[torch.argsort(ring_pos % W)]  # slot = position % W, slot pos % W holds the stale pos - W
     ring = (rnd(B, Hkv, W, D), rnd(B, Hkv, W, D), ring_pos)
     sink_pos = start[:, None] + torch.arange(S, device=DEVICE)
     sinks = (rnd(B, Hkv, S, D), rnd(B, Hkv, S, D), sink_pos)
+    w_o = rnd(width, H * D) / (H * D) ** 0.5 if o_proj else None
     want_h, want_state, want_ring = reference_branches(
         proj, cos, sin, pos, start, state, fmaps, ogate, ring, sinks, H=H, Hkv=Hkv, mixer=mixer,
         after_rope=after_rope, eps=eps,
@@ -112,9 +115,14 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
     state = tuple(t.clone() for t in state)
     h = fused_decode_step(
         proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], cos, sin, torch.tensor([pos], device=DEVICE), start,
-        state, *fmaps, ogate, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps, launch=launch,
+        state, *fmaps, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps, o_proj=w_o, launch=launch,
     )
-    assert rel_err(h, want_h) < 1e-5
+    if o_proj:  # head h's share: o_proj's columns of head h times its output
+        want_parts = torch.einsum("bhd,mhd->bhm", want_h, w_o.view(width, H, D))
+        assert h.shape == (B, H, width) and h.dtype == torch.float32 and rel_err(h, want_parts) < 1e-5
+        assert rel_err(h.sum(1), want_h.reshape(B, -1) @ w_o.T) < 1e-5
+    else:
+        assert rel_err(h, want_h) < 1e-5
     if mixer != "swa":
         for got, want in zip(state, want_state):
             assert rel_err(got.nan_to_num(neginf=0), want.nan_to_num(neginf=0)) < 1e-5
@@ -132,9 +140,8 @@ def test_kernel_refuses_a_launch_of_no_power_of_two(launch):
     fmaps = ((z(2, 16, 16), z(2, 16)), (z(1, 16, 16), z(1, 16)))
     ring, sinks = (z(1, 1, 8, 16), z(1, 1, 8, 16), z(8)), (z(1, 1, 2, 16), z(1, 1, 2, 16), z(1, 2))
     with pytest.raises(ValueError, match="powers of two"):
-        fused_decode_step(z(1, 68), z(1, 32), z(1, 16), z(1, 16), z(1, 16), z(1), z(1), (z(1), z(1), z(1)),
-                          *fmaps, (z(2, 64), z(2)), ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6,
-                          launch=launch)
+        fused_decode_step(z(1, 70), z(1, 32), z(1, 16), z(1, 16), z(1, 16), z(1), z(1), (z(1), z(1), z(1)),
+                          *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=launch)
 
 
 ROW_DTYPES = {  # hidden, delta, norm weight: fp32 model, bf16 model, fp32 model under bf16 autocast
@@ -213,6 +220,14 @@ def test_row_products_equal_torch(dtypes, B):
         check(y, F.linear(norm(hidden).to(compute), w))
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         check(silu_linear(gate_up, w_down), F.linear(act, w_down))
+        # delta as 4 fp32 partial sums of a product (the fused step's o_proj) and that product's bias
+        parts, o_bias = rnd(B, 4, K), rnd(K).to(compute)
+        o_out = (parts.sum(1) + o_bias.float()).to(compute)  # the product's output, as F.linear rounds it
+        residual, y = norm_linear(hidden, w, bias, norm.weight, norm.eps, parts, delta_bias=o_bias, delta_dtype=compute)
+        check(residual, hidden + o_out)
+        check(y, F.linear(norm(hidden + o_out).to(compute), w, bias))
+        with pytest.raises(ValueError, match="partial sums"):
+            norm_linear(hidden, w, bias, norm.weight, norm.eps, parts[:, :, 1:], delta_dtype=compute)
         with pytest.raises(ValueError, match="at most"):
             linear(torch.zeros(B, 4096, device=DEVICE), torch.zeros(8, 4096, device=DEVICE))
         with pytest.raises(ValueError, match="weight"):
@@ -389,7 +404,7 @@ def test_switch_off_or_fused_false_captures_the_reference_step(monkeypatch):
 
 @kernel_test
 @pytest.mark.parametrize("family,rows,launches", [
-    ("llama", True, 5), ("llama", False, 8), ("olmo2", True, 9), ("olmo2", False, 10),
+    ("llama", True, 4), ("llama", False, 8), ("olmo2", True, 9), ("olmo2", False, 10),
 ])
 def test_fused_step_launches_few_kernels_per_layer(family, rows, launches, monkeypatch):
     """Launches per layer of the fused step: the ops the torch dispatcher runs (views and allocations

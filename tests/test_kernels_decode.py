@@ -52,9 +52,13 @@ def test_packed_projections_give_the_layer_projections(name):
         for layer, pack in zip(model.model.layers, packed):
             attn, mlp = layer.self_attn, layer.mlp
             H, Hkv, D = attn.heads, attn.kv_heads, attn.head_dim
-            proj = F.linear(x, *pack.qkv).split([H * D, Hkv * D, Hkv * D, H, H], dim=1)
+            proj = F.linear(x, *pack.qkv).split([H * D, Hkv * D, Hkv * D, H, H, H], dim=1)
             for got, module in zip(proj, (attn.q_proj, attn.k_proj, attn.v_proj, attn.igate, attn.fgate)):
                 assert torch.equal(got, module(x))
+            # õ: the output gate's pre-activation, folded into one product with the layer's input
+            o_pre = attn.ogate(torch.cat(proj[:3], dim=1))
+            torch.testing.assert_close(proj[5], o_pre, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(proj[5], torch.zeros_like(proj[5]))
             gate, up = F.linear(x, *pack.gate_up).chunk(2, dim=1)
             assert torch.equal(gate, mlp.gate_proj(x)) and torch.equal(up, mlp.up_proj(x))
             assert (pack.gate_up[1] is None) == (name != "llama-mlp-bias")
@@ -71,11 +75,11 @@ def test_pack_casts_once_to_the_compute_dtype():
     pack = pack_projections(model, torch.bfloat16)[1]
     assert all(t.dtype == torch.bfloat16 for t in (*pack.qkv, *pack.gate_up, *pack.down, pack.o[0]))
     D, d, inter = attn.head_dim, model.config.hidden_size, model.config.intermediate_size
-    N = (attn.heads + 2 * attn.kv_heads) * D + 2 * attn.heads
+    N = (attn.heads + 2 * attn.kv_heads) * D + 3 * attn.heads
     assert pack.qkv[0].shape == (N, d) and pack.qkv[1].shape == (N,)
     assert pack.gate_up[0].shape == (2 * inter, d) and pack.gate_up[1].shape == (2 * inter,)
     assert torch.equal(pack.qkv[0][: attn.heads * D], attn.q_proj.weight.to(torch.bfloat16))
-    assert torch.equal(pack.qkv[1][-attn.heads :], attn.fgate.bias.to(torch.bfloat16))
+    assert torch.equal(pack.qkv[1][-2 * attn.heads : -attn.heads], attn.fgate.bias.to(torch.bfloat16))
     assert torch.equal(pack.gate_up[0][inter:], mlp.up_proj.weight.to(torch.bfloat16))
     assert torch.equal(pack.gate_up[1][:inter], mlp.gate_proj.bias.to(torch.bfloat16))
     assert torch.equal(pack.down[0], mlp.down_proj.weight.to(torch.bfloat16))
