@@ -9,11 +9,11 @@ Same semantics as the pure-PyTorch oracle (per head, scalar gates, feature-mappe
 Three launches each way, FLA-style, and no PyTorch arithmetic between them. Forward: the gates
 per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass over chunks that
 carries the stabiliser and materialises the state at every chunk start, then one program per
-chunk for its outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel), a reverse pass for
-the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃. With few heads
-(B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes walk chunks of
-SUPER_CHUNK tokens and one program per such chunk then fills in the finer chunks' states (or state
-gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent steps, for two more launches each way.
+few consecutive chunks for their outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel),
+a reverse pass for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
+With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes walk
+chunks of SUPER_CHUNK tokens and one program per such chunk then fills in the finer chunks' states (or
+state gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent steps, for two more launches each way.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
@@ -65,13 +65,14 @@ def _state_row(C, n, m, row, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr):
 
 
 def _fit_blocks(configs, named_args, **kwargs):
-    """The candidates with blocks no wider than the head dims (DK, DV), duplicates dropped."""
+    """The candidates with blocks no wider than the head dims (DK, DV), duplicates dropped; other
+    meta-parameters (CHUNKS) as they are."""
     dims = {**named_args, **kwargs}
     dims = {"BK": dims["DK"], "BV": dims["DV"]}
     fitted = {}
     for cfg in configs:
-        blocks = {name: min(size, dims[name]) for name, size in cfg.kwargs.items()}
-        fitted.setdefault(triton.Config(blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages), None)
+        meta = {name: min(size, dims[name]) if name in dims else size for name, size in cfg.kwargs.items()}
+        fitted.setdefault(triton.Config(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages), None)
     return list(fitted)
 
 
@@ -81,7 +82,9 @@ def _fit_blocks(configs, named_args, **kwargs):
 # (1, 9, 64K, 64) on an H200 and ran fw+bw 24 % slower than the first candidates at 8K, 29 % faster at
 # 64K. The first entries are the launches used before tuning; every entry is tested (tests/test_kernels.py).
 # The state passes are sequential over chunks: num_stages pipelines the next chunks' k/v (q/dh) loads,
-# small blocks add programs when B·NH alone leaves SMs idle. _fwd_out has no loop: no stage choice.
+# small blocks add programs when B·NH alone leaves SMs idle. _fwd_out walks CHUNKS consecutive chunks per
+# program: num_stages pipelines the next chunk's q/k/v/state loads behind this chunk's products; at CHUNKS = 1
+# there is nothing to overlap, and num_stages = 1 keeps the one-chunk kernel's code and shared memory.
 STATE_CONFIGS = [
     triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
     for bk, bv, w, s in (
@@ -90,7 +93,11 @@ STATE_CONFIGS = [
     )
 ]
 OUT_CONFIGS = [
-    triton.Config({"BV": bv}, num_warps=w, num_stages=3) for bv, w in ((64, 4), (64, 8), (32, 4), (128, 8))
+    triton.Config({"BV": bv, "CHUNKS": n}, num_warps=w, num_stages=s)
+    for bv, n, w, s in (
+        (64, 1, 4, 1), (64, 1, 8, 1), (32, 1, 4, 1), (128, 1, 8, 1),
+        (64, 2, 4, 2), (64, 2, 8, 2), (64, 4, 4, 3), (64, 4, 8, 2),
+    )
 ]
 CHUNK_BWD_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s)
@@ -218,41 +225,45 @@ def _fwd_states(
 def _fwd_out(
     q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out,
     S, S_pad, NC, REP, eps, BH_LOG2, NC_LOG2,
-    DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    STATS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+    CHUNKS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """h for one chunk and one block of DV; also m_t and qᵀn (for backward). Grid (DV/BV, NC, B*NH)."""
-    i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """h for CHUNKS consecutive chunks (those before NC) and one block of DV; with STATS also m_t and
+    qᵀn (for backward). Grid (DV/BV, cdiv(NC, CHUNKS), B*NH)."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kv = i_bh // REP
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, DK)
     o_v = i_v * BV + tl.arange(0, BV)
-    t = c * L + o_t
-    in_seq = t < S
-    qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-    kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-    vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-    bc = tl.load(b + i_bh * S_pad + t)
-    ic = tl.load(ig + i_bh * S_pad + t)
-    st = i_bh * (NC + 1) + c
-    m_c = tl.load(ms + st)
-    Cc = tl.load(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :])
-    nc = tl.load(ns + st * DK + o_k)
-
     causal = o_t[:, None] >= o_t[None, :]
-    log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
-    log_inter = bc + m_c
-    m_t = _safe(tl.maximum(tl.max(log_d, 1), log_inter))
-    A = tl.dot(qc, tl.trans(kc), input_precision=PREC) * tl.exp(log_d - m_t[:, None])
-    a = tl.exp(log_inter - m_t)
-    num = tl.dot(A.to(vc.dtype), vc, input_precision=PREC)
-    num += a[:, None] * tl.dot(qc, Cc.to(qc.dtype), input_precision=PREC)
-    qn = tl.sum(A, 1) + a * tl.sum(qc.to(tl.float32) * nc[None, :], 1)
-    den = tl.maximum(tl.abs(qn), tl.exp(-m_t)) + eps
-    hc = num / den[:, None]
-    tl.store(h + (i_bh * S + t[:, None]) * DV + o_v[None, :], hc.to(h.dtype.element_ty), mask=in_seq[:, None])
-    if i_v == 0:
-        tl.store(m_out + i_bh * S_pad + t, m_t)
-        tl.store(qn_out + i_bh * S_pad + t, qn)
+    first = i_c * CHUNKS
+    for c in range(first, tl.minimum(first + CHUNKS, NC)):
+        t = c * L + o_t
+        in_seq = t < S
+        qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+        kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+        vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+        bc = tl.load(b + i_bh * S_pad + t)
+        ic = tl.load(ig + i_bh * S_pad + t)
+        st = i_bh * (NC + 1) + c
+        m_c = tl.load(ms + st)
+        Cc = tl.load(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :])
+        nc = tl.load(ns + st * DK + o_k)
+
+        log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
+        log_inter = bc + m_c
+        m_t = _safe(tl.maximum(tl.max(log_d, 1), log_inter))
+        A = tl.dot(qc, tl.trans(kc), input_precision=PREC) * tl.exp(log_d - m_t[:, None])
+        a = tl.exp(log_inter - m_t)
+        num = tl.dot(A.to(vc.dtype), vc, input_precision=PREC)
+        num += a[:, None] * tl.dot(qc, Cc.to(qc.dtype), input_precision=PREC)
+        qn = tl.sum(A, 1) + a * tl.sum(qc.to(tl.float32) * nc[None, :], 1)
+        den = tl.maximum(tl.abs(qn), tl.exp(-m_t)) + eps
+        hc = num / den[:, None]
+        tl.store(h + (i_bh * S + t[:, None]) * DV + o_v[None, :], hc.to(h.dtype.element_ty), mask=in_seq[:, None])
+        if STATS and i_v == 0:
+            tl.store(m_out + i_bh * S_pad + t, m_t)
+            tl.store(qn_out + i_bh * S_pad + t, qn)
 
 
 @triton.jit
@@ -625,10 +636,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
             )
         buckets = _size_buckets(BH, NC)
         h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
-        m_t = torch.empty(BH, S_pad, device=dev, dtype=f32)
-        qn = torch.empty(BH, S_pad, device=dev, dtype=f32)
-        _fwd_out[lambda meta: (DV // meta["BV"], NC, BH)](
-            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps, *buckets, DK=DK, DV=DV, L=L, PREC=prec
+        if forward_only:
+            m_t = qn = ig  # not written: only the backward reads them
+        else:
+            m_t, qn = torch.empty(BH, S_pad, device=dev, dtype=f32), torch.empty(BH, S_pad, device=dev, dtype=f32)
+        _fwd_out[lambda meta: (DV // meta["BV"], triton.cdiv(NC, meta["CHUNKS"]), BH)](
+            q, k, v, b, ig, Cs, ns, ms, h, m_t, qn, S, S_pad, NC, REP, eps, *buckets,
+            STATS=not forward_only, DK=DK, DV=DV, L=L, PREC=prec,
         )
         ctx.save_for_backward(q, k, v, i_pre, f_pre, ig, b, M, Cs, ns, ms, m_t, qn, h, C0, n0, m0)
         ctx.L, ctx.eps, ctx.prec, ctx.has_init = L, eps, prec, has_init
