@@ -74,18 +74,16 @@ def _silu_mul(gate_up, out, stride, I: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _linear_rows(
-    w, bias, x, delta, delta_bias, norm_w, residual, y, best_val, best_idx, stride_x, stride_delta, N, eps,
+    w, bias, x, delta, norm_w, residual, y, best_val, best_idx, stride_x, stride_delta, N, eps,
     B: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr,
     HAS_BIAS: tl.constexpr, IN_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, PDL: tl.constexpr,
-    ARGMAX: tl.constexpr, PARTS: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_DTYPE: tl.constexpr,
+    ARGMAX: tl.constexpr,
 ):
     """y[b, rows] = W[rows] · pre(x[b]) (+ bias) for BN rows of W (N, K) and all B rows, K in one tile.
 
     pre: 0 x; 1 RMSNorm(x); 2 RMSNorm(x + delta), program 0 storing x + delta to residual; 3 SiLU(gate)·up
-    of x = [gate; up] (2K wide). With PARTS > 1, delta is the sum of PARTS fp32 rows (B, PARTS, K), added in
-    order with delta_bias and rounded to DELTA_DTYPE: the output of a product split over programs.
-    X_DTYPE is the dtype pre's output is rounded to (the torch module's output), IN_DTYPE the norm's input
-    dtype. With PDL (programmatic dependent launch, Hopper) the weight
+    of x = [gate; up] (2K wide). X_DTYPE is the dtype pre's output is rounded to (the torch module's
+    output), IN_DTYPE the norm's input dtype. With PDL (programmatic dependent launch, Hopper) the weight
     tile and bias, which no kernel writes, load before waiting for the kernel before, and the next one
     may launch as soon as every program got here: consecutive products stream their weights back to back
     (benchmarks/decode_floor.py: 120 such products in 234 µs against cuBLAS's 475 µs in a graph).
@@ -109,11 +107,6 @@ def _linear_rows(
             u = _rms_norm(u, nw, eps, K, IN_DTYPE, X_DTYPE).to(tl.float32)
         elif PRE == 2:
             d = tl.load(delta + r * stride_delta + cols, mask=in_cols, other=0.0).to(tl.float32)
-            for p in tl.static_range(1, PARTS):
-                d += tl.load(delta + r * stride_delta + p * K + cols, mask=in_cols, other=0.0).to(tl.float32)
-            if HAS_DELTA_BIAS:
-                d += tl.load(delta_bias + cols, mask=in_cols, other=0.0).to(tl.float32)
-            d = d.to(DELTA_DTYPE).to(tl.float32)
             res = (u + d).to(residual.dtype.element_ty)
             if tl.program_id(0) == 0:
                 tl.store(residual + r * K + cols, res, mask=in_cols)
@@ -221,14 +214,8 @@ def pdl_capable(t: torch.Tensor) -> bool:
 
 
 def _launch_linear(
-    x, weight, bias, pre: int, *, delta=None, delta_bias=None, delta_dtype=None, norm=(None, 0.0), K=None,
-    x_dtype=None, in_dtype=None, ids=None,
+    x, weight, bias, pre: int, *, delta=None, norm=(None, 0.0), K=None, x_dtype=None, in_dtype=None, ids=None,
 ):
-    parts = 1
-    if delta is not None and delta.dim() == 3:  # (B, P, K) fp32 partial sums of a product in P programs
-        parts, delta = delta.shape[1], delta.flatten(1)
-    elif delta is not None:
-        delta_dtype = delta.dtype
     _check_rows(x, *(() if delta is None else (delta,)))
     B, N, K = x.shape[0], weight.shape[0], K or x.shape[1]
     if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != K or K > LINEAR_MAX_K:
@@ -247,13 +234,12 @@ def _launch_linear(
         best_val = x.new_empty(B, programs, dtype=torch.float32)
         best_idx = x.new_empty(B, programs, dtype=torch.int64)
     _linear_rows[(programs,)](
-        weight, y if bias is None else bias, x, x if delta is None else delta, x if delta_bias is None else delta_bias,
-        x if norm[0] is None else norm[0], y if residual is None else residual, y, best_val, best_idx, x.stride(0),
+        weight, y if bias is None else bias, x, x if delta is None else delta, x if norm[0] is None else norm[0],
+        y if residual is None else residual, y, best_val, best_idx, x.stride(0),
         0 if delta is None else delta.stride(0), N, norm[1],
         B=B, K=K, BK=triton.next_power_of_2(K), BN=LINEAR_BLOCK_ROWS, PRE=pre, HAS_BIAS=bias is not None,
         IN_DTYPE=_TL_DTYPES[in_dtype or x.dtype], X_DTYPE=_TL_DTYPES[x_dtype or x.dtype], PDL=pdl,
-        ARGMAX=ids is not None, PARTS=parts, HAS_DELTA_BIAS=delta_bias is not None,
-        DELTA_DTYPE=_TL_DTYPES[delta_dtype or x.dtype], num_warps=4, launch_pdl=pdl,
+        ARGMAX=ids is not None, num_warps=4, launch_pdl=pdl,
     )
     if ids is not None:
         _argmax_rows[(B,)](best_val, best_idx, ids, ids.stride(0), programs, BLOCK=triton.next_power_of_2(programs),
@@ -266,26 +252,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _launch_linear(x, weight, bias, 0)[1]
 
 
-def norm_linear(x, weight, bias, norm_weight, eps: float, delta=None, ids=None, *, delta_bias=None, delta_dtype=None):
+def norm_linear(x, weight, bias, norm_weight, eps: float, delta=None, ids=None):
     """(residual, y): with delta, residual = x + delta and y = F.linear(RMSNorm(residual), weight, bias);
     without, residual None and y = F.linear(RMSNorm(x), ...). x, delta (B, K); norm_weight (K,).
 
-    delta may also be the P partial sums (B, P, K) fp32 of a product split over programs (the fused decode
-    step's o_proj): then delta is their sum in order plus delta_bias (K,) or None, rounded to delta_dtype
-    (the product's output dtype), as F.linear would give it up to summation order.
     ids: a (B, 1) int64 tensor to receive y.argmax(-1) (greedy decoding's next tokens from the LM head), in
     one more launch that reduces the products' per-program candidates.
     """
-    parts = delta is not None and delta.dim() == 3
-    if parts and (delta.dtype != torch.float32 or delta_dtype is None or delta.shape[2] != x.shape[1]):
-        raise ValueError(f"norm_linear: partial sums (B, P, {x.shape[1]}) fp32 with their delta_dtype, got "
-                         f"{tuple(delta.shape)} {delta.dtype}, delta_dtype {delta_dtype}")
-    if delta_bias is not None and not parts:
-        raise ValueError("norm_linear: delta_bias goes with partial sums (B, P, K) only")
-    in_dtype = x.dtype if delta is None else _promote(x.dtype, delta_dtype if parts else delta.dtype)
-    return _launch_linear(x, weight, bias, 1 if delta is None else 2, delta=delta, delta_bias=delta_bias,
-                          delta_dtype=delta_dtype, norm=(norm_weight, eps), x_dtype=_promote(norm_weight.dtype, in_dtype), in_dtype=in_dtype,
-                          ids=ids)
+    in_dtype = x.dtype if delta is None else _promote(x.dtype, delta.dtype)
+    return _launch_linear(x, weight, bias, 1 if delta is None else 2, delta=delta, norm=(norm_weight, eps),
+                          x_dtype=_promote(norm_weight.dtype, in_dtype), in_dtype=in_dtype, ids=ids)
 
 
 def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,8 +11,7 @@ For one new token per row, program (b, h) computes, in fp32::
           and the token itself (one softmax, scale 1/√D, GQA)
     o = σ(õ);  h = o · mLSTM + (1 − o) · SWA      (õ = W_o [q_raw; k_raw; v_raw] + b_o, a projection)
 
-and writes h (B, H, D), or with ``o_proj`` this head's share of o_proj(h) (B, H, d) for the next product to
-sum, plus the token's k_rot, v and position into ring slot ``pos % W``.
+and writes h (B, H, D) plus the token's k_rot, v and position into ring slot ``pos % W``.
 The same math as the PyTorch reference (modeling/mlstm.mlstm_recurrent_step,
 modeling/swa.window_sink_attention), including m = −inf (no mass yet) and the sink/window rule.
 
@@ -84,11 +83,11 @@ def _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W: tl.constexpr):
 def _decode_step(
     proj, q_in, k_in, stride_proj, stride_q, stride_k,
     cos, sin, slot, start,
-    C, n, m, fq_w, fq_b, fk_w, fk_b, o_w,
+    C, n, m, fq_w, fq_b, fk_w, fk_b,
     ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
     out, scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_W: tl.constexpr, DM: tl.constexpr, BLOCK_M: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
@@ -181,16 +180,7 @@ def _decode_step(
         result = h_mlstm
     else:
         result = h_swa
-    if DM > 0:
-        # o_proj's columns of this head times h rounded as the product's input (h's dtype: proj's, then the
-        # weight's): one launch a layer fewer; the next product sums the H partials in order (deterministic)
-        r = result.to(proj.dtype.element_ty).to(o_w.dtype.element_ty).to(tl.float32)
-        for m0 in tl.static_range(0, DM, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            w = tl.load(o_w + rows[:, None] * (H * D) + h * D + d[None, :], mask=(rows < DM)[:, None], other=0.0)
-            tl.store(out + (b * H + h) * DM + rows, tl.sum(w.to(tl.float32) * r[None, :], 1), mask=rows < DM)
-    else:
-        tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
+    tl.store(out + (b * H + h) * D + d, result.to(out.dtype.element_ty))
 
 
 WIDE_PROGRAMS_MAX = 132  # an H200's SMs: up to about one program per SM, each takes the whole window
@@ -212,8 +202,7 @@ def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
 
 def fused_decode_step(
     proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ring, sinks, *,
-    mixer: str, fmap_after_rope: bool, eps: float, o_proj: torch.Tensor | None = None,
-    launch: tuple[int, int] | None = None, pdl: bool = False,
+    mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
     the mLSTM state (hybrid, mlstm) and the ring buffer (hybrid, swa).
@@ -225,8 +214,6 @@ def fused_decode_step(
     fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ring: k, v (B, Hkv, W, D),
     positions (W,) int64, -1 = empty; sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen.
     D a power of two >= 16.
-    o_proj: o_proj's weight (d, H·D), contiguous: return instead each head's share of o_proj(h) without bias,
-    (B, H, d) fp32, whose sum over heads is the product (``decode_rowwise.norm_linear`` takes it as delta).
     launch: (block_w, num_warps), powers of two; ``default_launch`` when None.
     pdl: launch as a programmatic dependent launch (Hopper; kernels/decode_rowwise.pdl_capable), between
     products that are such launches too.
@@ -249,28 +236,24 @@ def fused_decode_step(
             f"fused decode step: proj {tuple(proj.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)} do not fit "
             f"H={H}, Hkv={Hkv}, D={D}; expected proj (B, {(H + 2 * Hkv) * D + 3 * H})"
         )
-    if o_proj is not None and (o_proj.dim() != 2 or o_proj.shape[1] != H * D):
-        raise ValueError(f"fused decode step: o_proj {tuple(o_proj.shape)} does not take {H * D} inputs")
     for name, t in (("proj", proj), ("q", q), ("k", k)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused decode step: {name} must have unit stride in its last dim")
     buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, cos, sin, *fmap_q, *fmap_k)
-    if not all(t.is_contiguous() for t in (*buffers, *(() if o_proj is None else (o_proj,)))):
+    if not all(t.is_contiguous() for t in buffers):
         raise ValueError("fused decode step: state, ring, sink, cos/sin and weight tensors must be contiguous")
     if C.dtype != torch.float32:
         raise ValueError(f"fused decode step: the mLSTM state must be fp32, got {C.dtype}")
     if not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("fused_decode_step needs CUDA tensors; use modeling/decode_graph.decode_step's reference path")
-    dm = 0 if o_proj is None else o_proj.shape[0]
-    out = proj.new_empty(B, H, D) if o_proj is None else proj.new_empty(B, H, dm, dtype=torch.float32)
+    out = proj.new_empty(B, H, D)
     _decode_step[(B, H)](
         proj, q, k, proj.stride(0), q.stride(0), k.stride(0),
         cos, sin, slot, start,
-        C, n, m, *fmap_q, *fmap_k, out if o_proj is None else o_proj,
+        C, n, m, *fmap_q, *fmap_k,
         ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
         out, 1.0 / math.sqrt(D), eps,
         H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)), BLOCK_W=block_w,
-        DM=dm, BLOCK_M=min(128, triton.next_power_of_2(max(dm, 1))),
         MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope, PDL=pdl,
         num_warps=num_warps, launch_pdl=pdl,
     )

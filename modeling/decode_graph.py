@@ -12,8 +12,7 @@ window+sink attention, output gate, ring write) between the products, each layer
 once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are Triton launches
 (kernels/decode_rowwise.py) that fold the residual add + RMSNorm into the q/k/v/gates and gate/up
 products and SiLU(gate)·up into down_proj, and on Hopper stream their weights while the kernel before
-still runs (programmatic dependent launch); o_proj then runs inside the attention kernel as per-head
-partial sums that the gate/up product adds up with the residual: 4 launches a layer. Wider batches, or widths past
+still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
 ``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
 Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. With row products the
 final norm, the LM head and the greedy argmax are two launches (``_fused_head``). Elsewhere the
@@ -148,10 +147,9 @@ class Products:
         return self.plain(mlp.act(gate) * up, packed)
 
 
-def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products, o_proj=None):
+def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
     """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃; õ] projections proj (B, N) through the fused
-    kernel, or with o_proj (its weight) the heads' partial sums of o_proj(h) (B, H, d) fp32; updates lc's
-    state and ring in place."""
+    kernel; updates lc's state and ring in place."""
     from xmerge.kernels.decode_rowwise import pdl_capable, rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
@@ -166,17 +164,17 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products
         proj, q, k, cos, sin, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
         (lc.ring_k, lc.ring_v, lc.ring_pos), (lc.sink_k, lc.sink_v, lc.sink_pos),
-        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps, o_proj=o_proj,
+        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
         pdl=products.rows and pdl_capable(proj),
     )
-    return h if o_proj is not None else h.view(h.shape[0], -1)
+    return h.view(h.shape[0], -1)
 
 
 def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer], products):
     """(residual, delta) for embeddings hidden (B, d) through every layer on the fast path: the final norm's
     input is residual + delta (pre-norm: delta is the last MLP's output, not yet added), or residual alone
     (post-norm, delta None)."""
-    from xmerge.kernels.decode_rowwise import add_normed, norm_linear
+    from xmerge.kernels.decode_rowwise import add_normed
 
     layers = model.model.layers
     silu = model.config.hidden_act in SILU_ACTS
@@ -192,14 +190,9 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
     mlp_out = None  # the last MLP's output, added to hidden by the next norm
     for layer, lc, pack in zip(layers, cache.layers, packed):
         hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
-        norm = layer.post_attention_layernorm
-        if products.rows:  # o_proj in the attention step, its per-head partial sums added up by the next product
-            parts = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products, pack.o[0])
-            hidden, gate_up = norm_linear(hidden, *pack.gate_up, norm.weight, norm.eps, parts,
-                                          delta_bias=pack.o[1], delta_dtype=products.dtype)
-        else:
-            h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
-            hidden, gate_up = products.normed(hidden, products.plain(h, pack.o), norm, pack.gate_up)
+        h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
+        attn_out = products.plain(h, pack.o)
+        hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
         mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)
     return hidden, mlp_out
 
