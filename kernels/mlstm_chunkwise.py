@@ -95,7 +95,7 @@ STATE_CONFIGS = [
 OUT_CONFIGS = [
     triton.Config({"BV": bv, "CHUNKS": n}, num_warps=w, num_stages=s)
     for bv, n, w, s in (
-        (64, 1, 4, 1), (64, 1, 8, 1), (32, 1, 4, 1), (128, 1, 8, 1),
+        (64, 1, 4, 3), (64, 1, 8, 3), (32, 1, 4, 3), (128, 1, 8, 3),
         (64, 2, 4, 2), (64, 2, 8, 2), (64, 4, 4, 3), (64, 4, 8, 2),
     )
 ]
@@ -220,7 +220,45 @@ def _fwd_states(
                 tl.store(m_last + i_bh, m)
 
 
-@triton.autotune(OUT_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.jit
+def _out_chunk(
+    q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out, c, i_v, i_bh, i_kv, S, S_pad, NC, eps,
+    STATS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """h of chunk c for one block of DV; with STATS also m_t and qᵀn (for backward)."""
+    o_t = tl.arange(0, L)
+    o_k = tl.arange(0, DK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    t = c * L + o_t
+    in_seq = t < S
+    qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+    kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
+    vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
+    bc = tl.load(b + i_bh * S_pad + t)
+    ic = tl.load(ig + i_bh * S_pad + t)
+    st = i_bh * (NC + 1) + c
+    m_c = tl.load(ms + st)
+    Cc = tl.load(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :])
+    nc = tl.load(ns + st * DK + o_k)
+
+    causal = o_t[:, None] >= o_t[None, :]
+    log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
+    log_inter = bc + m_c
+    m_t = _safe(tl.maximum(tl.max(log_d, 1), log_inter))
+    A = tl.dot(qc, tl.trans(kc), input_precision=PREC) * tl.exp(log_d - m_t[:, None])
+    a = tl.exp(log_inter - m_t)
+    num = tl.dot(A.to(vc.dtype), vc, input_precision=PREC)
+    num += a[:, None] * tl.dot(qc, Cc.to(qc.dtype), input_precision=PREC)
+    qn = tl.sum(A, 1) + a * tl.sum(qc.to(tl.float32) * nc[None, :], 1)
+    den = tl.maximum(tl.abs(qn), tl.exp(-m_t)) + eps
+    hc = num / den[:, None]
+    tl.store(h + (i_bh * S + t[:, None]) * DV + o_v[None, :], hc.to(h.dtype.element_ty), mask=in_seq[:, None])
+    if STATS and i_v == 0:
+        tl.store(m_out + i_bh * S_pad + t, m_t)
+        tl.store(qn_out + i_bh * S_pad + t, qn)
+
+
+@triton.autotune(OUT_CONFIGS, key=[*TUNING_KEY, "STATS"], prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _fwd_out(
     q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out,
@@ -231,39 +269,12 @@ def _fwd_out(
     """h for CHUNKS consecutive chunks (those before NC) and one block of DV; with STATS also m_t and
     qᵀn (for backward). Grid (DV/BV, cdiv(NC, CHUNKS), B*NH)."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_kv = i_bh // REP
-    o_t = tl.arange(0, L)
-    o_k = tl.arange(0, DK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    causal = o_t[:, None] >= o_t[None, :]
-    first = i_c * CHUNKS
-    for c in range(first, tl.minimum(first + CHUNKS, NC)):
-        t = c * L + o_t
-        in_seq = t < S
-        qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-        kc = tl.load(k + (i_kv * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
-        vc = tl.load(v + (i_kv * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
-        bc = tl.load(b + i_bh * S_pad + t)
-        ic = tl.load(ig + i_bh * S_pad + t)
-        st = i_bh * (NC + 1) + c
-        m_c = tl.load(ms + st)
-        Cc = tl.load(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :])
-        nc = tl.load(ns + st * DK + o_k)
-
-        log_d = tl.where(causal, bc[:, None] - bc[None, :] + ic[None, :], float("-inf"))
-        log_inter = bc + m_c
-        m_t = _safe(tl.maximum(tl.max(log_d, 1), log_inter))
-        A = tl.dot(qc, tl.trans(kc), input_precision=PREC) * tl.exp(log_d - m_t[:, None])
-        a = tl.exp(log_inter - m_t)
-        num = tl.dot(A.to(vc.dtype), vc, input_precision=PREC)
-        num += a[:, None] * tl.dot(qc, Cc.to(qc.dtype), input_precision=PREC)
-        qn = tl.sum(A, 1) + a * tl.sum(qc.to(tl.float32) * nc[None, :], 1)
-        den = tl.maximum(tl.abs(qn), tl.exp(-m_t)) + eps
-        hc = num / den[:, None]
-        tl.store(h + (i_bh * S + t[:, None]) * DV + o_v[None, :], hc.to(h.dtype.element_ty), mask=in_seq[:, None])
-        if STATS and i_v == 0:
-            tl.store(m_out + i_bh * S_pad + t, m_t)
-            tl.store(qn_out + i_bh * S_pad + t, qn)
+    args = (q, k, v, b, ig, Cs, ns, ms, h, m_out, qn_out)
+    if CHUNKS == 1:  # no loop: all of the chunk's loads in flight at once, as many programs per SM as fit
+        _out_chunk(*args, i_c, i_v, i_bh, i_bh // REP, S, S_pad, NC, eps, STATS, DK, DV, L, BV, PREC)
+    else:  # num_stages pipelines the next chunk's loads behind this chunk's products
+        for c in range(i_c * CHUNKS, tl.minimum(i_c * CHUNKS + CHUNKS, NC)):
+            _out_chunk(*args, c, i_v, i_bh, i_bh // REP, S, S_pad, NC, eps, STATS, DK, DV, L, BV, PREC)
 
 
 @triton.jit
