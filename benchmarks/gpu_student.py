@@ -32,6 +32,7 @@ import torch._dynamo
 from transformers import StaticCache
 
 from xmerge.modeling.convert import convert_teacher
+from xmerge.modeling import decode_graph
 from xmerge.modeling.decode_graph import GraphedGreedyDecoder
 from xmerge.modeling.teacher import load_teacher
 
@@ -144,8 +145,20 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=400, help="skip what would start after this many seconds")
     parser.add_argument("--profile", default="", help="prompt lengths whose student prefill to profile (top CUDA ops)")
     parser.add_argument("--profile-decode", default="", help="BxPROMPT list whose fused graph decode to profile")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="decode kernels as plain launches, each waiting for the one before: a profile's kernel "
+                             "times then add up to the step (with programmatic dependent launches they overlap)")
+    parser.add_argument("--row-products-max-b", type=int, default=None,
+                        help="widest batch whose decode products are few-row Triton launches (default: "
+                             "modeling/decode_graph.ROW_PRODUCTS_MAX_B; 0: cuBLAS at every B)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.no_pdl:
+        from xmerge.kernels import decode_rowwise
+
+        decode_rowwise.pdl_capable = lambda t: False  # read on every launch
+    if args.row_products_max_b is not None:
+        decode_graph.ROW_PRODUCTS_MAX_B = args.row_products_max_b
     decode_runs = args.decode_runs.split(",")
     if not set(decode_runs) <= set(DECODE_RUNS):
         parser.error(f"--decode-runs: {args.decode_runs!r} names runs outside {','.join(DECODE_RUNS)}")

@@ -37,9 +37,9 @@ Packed = tuple[torch.Tensor, torch.Tensor | None]  # weight (N, d), bias (N,) or
 SILU_ACTS = ("silu", "swish")  # hidden_act values whose act(gate)·up runs in the Triton kernel
 
 
-# Up to this many rows the products are few-row Triton launches, each weight read once a step as at B=1,
-# where they were measured (decode_floor's chain, benchmarks/RESULTS-gpu.md run 4: 1.77× the cuBLAS step).
-# B = 2..4 is tested, not timed; wider batches keep cuBLAS, whose tiles reuse each weight across rows.
+# Up to this many rows the products are few-row Triton launches, each weight read once a step; wider batches
+# keep cuBLAS, whose tiles reuse each weight across rows. SmolLM2 graphed decode after a 4K prompt on an H200
+# (benchmarks/RESULTS-gpu.md run 6), against cuBLAS products in the same call: B=2 1.85×, 3 1.55×, 4 1.09×.
 ROW_PRODUCTS_MAX_B = 4
 
 
