@@ -27,30 +27,28 @@ def inputs(B, H, Hkv, D, W, S, pos):
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
     bf16 = torch.bfloat16
-    proj = rnd(B, (H + 2 * Hkv) * D + 2 * H).to(bf16)
-    angle = rnd(B, D // 2)
-    cos, sin = (torch.cat([f(angle)] * 2, -1).to(bf16) for f in (torch.cos, torch.sin))
+    proj = rnd(B, (H + 2 * Hkv) * D + 3 * H).to(bf16)  # [q; k; v; ĩ; f̃; õ]
+    rope = (1.0 / 100000 ** (torch.arange(0, D, 2, device="cuda") / D), 1.0, bf16)  # SmolLM2's RoPE
     state = (rnd(B, H, D, D).abs() * 0.01, rnd(B, H, D).abs(), rnd(B, H))
     fmaps = ((rnd(H, D, D).to(bf16) / math.sqrt(D), rnd(H, D).to(bf16)),
              (rnd(Hkv, D, D).to(bf16) / math.sqrt(D), rnd(Hkv, D).to(bf16)))
-    ogate = ((0.03 * rnd(H, (H + 2 * Hkv) * D)).to(bf16), rnd(H).to(bf16))
     ring_pos = torch.arange(pos - W, pos, device="cuda")
     ring = (rnd(B, Hkv, W, D).to(bf16), rnd(B, Hkv, W, D).to(bf16), ring_pos[torch.argsort(ring_pos % W)])
     sink_pos = torch.arange(S, device="cuda").expand(B, S).contiguous()
     sinks = (rnd(B, Hkv, S, D).to(bf16), rnd(B, Hkv, S, D).to(bf16), sink_pos)
     slot, start = torch.tensor([pos], device="cuda"), torch.zeros(B, dtype=torch.long, device="cuda")
-    return proj, cos, sin, slot, start, state, fmaps, ogate, ring, sinks
+    return proj, rope, slot, start, state, fmaps, ring, sinks
 
 
 def step(args, H, Hkv, D, launch):
     """A call of the kernel on fresh copies of the mutable inputs, and the call itself (for timing)."""
-    proj, cos, sin, slot, start, state, fmaps, ogate, ring, sinks = args
+    proj, rope, slot, start, state, fmaps, ring, sinks = args
     state, ring = tuple(t.clone() for t in state), tuple(t.clone() for t in ring)
 
     def run():
         return fused_decode_step(
-            proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], cos, sin, slot, start,
-            state, *fmaps, ogate, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=launch,
+            proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], rope, slot, start,
+            state, *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=launch,
         )
 
     return run(), run

@@ -10,6 +10,8 @@
 #                                        # PARTS=ours,fla SHAPES="8,9,8192,64 1,9,65536,64" splits it)
 #   TEACHER=/tmp/xm/SmolLM2-135M-Instruct.Q4_1.gguf benchmarks/gpu_kernels.sh student
 #                                        # vs the teacher (336 s on 2026-12-02; PREFILL="" and DECODE=... narrow it)
+#                                        # (timings alone: TEACHER=/tmp/rand after benchmarks/random_teacher.py /tmp/rand,
+#                                        # random weights of the same shape, no teacher file to bring)
 #
 # The times are those of the H200 runs of 2026-12-01/02 (benchmarks/RESULTS-*.md), most of them Triton
 # autotuning and compiling on first use. The tests pin one launch per kernel (tests/conftest.py); with

@@ -2,7 +2,7 @@
 
 For one new token per row, program (b, h) computes, in fp32::
 
-    q_rot, k_rot = RoPE(q, k)                              (from the step's cos/sin rows)
+    q_rot, k_rot = RoPE(q, k)                              (the row's angles max(pos − start, 0) · inv_freq)
     φ(u) = softmax(u W_h + b_h)                            (on rotated or unrotated q/k)
     m' = max(log σ(f̃) + m, ĩ);  f' = exp(log σ(f̃) + m − m');  i' = exp(ĩ − m')
     C' = f' C + i' φ(k) vᵀ;  n' = f' n + i' φ(k)            (state updated in place, fp32)
@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MIXERS = ("hybrid", "swa", "mlstm")
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -82,13 +83,14 @@ def _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W: tl.constexpr):
 @triton.jit
 def _decode_step(
     proj, q_in, k_in, stride_proj, stride_q, stride_k,
-    cos, sin, slot, start,
+    inv_freq, rope_scale, slot, start,
     C, n, m, fq_w, fq_b, fk_w, fk_b,
     ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
     out, scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     MLSTM: tl.constexpr, SWA: tl.constexpr, FMAP_AFTER_ROPE: tl.constexpr, PDL: tl.constexpr,
+    ROPE_DTYPE: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
     hkv = h // (H // HKV)
@@ -98,11 +100,15 @@ def _decode_step(
     NQKV: tl.constexpr = (H + 2 * HKV) * D
     RING_ONE_BLOCK: tl.constexpr = W <= BLOCK_W
 
-    # Everything but the token's projections first: no kernel of this step writes the RoPE rows (made before
-    # the first layer), the weights, or this layer's state, ring and sinks (last written a step ago). Under
-    # PDL these loads overlap the product before, and only the projections wait for it.
-    c = tl.load(cos + b * D + d).to(tl.float32)
-    s = tl.load(sin + b * D + d).to(tl.float32)
+    # Everything but the token's projections first: no kernel of this step writes the position, the weights,
+    # or this layer's state, ring and sinks (last written a step ago). Under PDL these loads, and the RoPE row,
+    # overlap the product before, and only the projections wait for it.
+    pos = tl.load(slot)
+    first = tl.load(start + b)
+    # the RoPE row as the rotary module makes it: fp32 angles, cos/sin, scaled, rounded to the hidden dtype
+    angle = tl.maximum(pos - first, 0).to(tl.float32) * tl.load(inv_freq + d % (D // 2)).to(tl.float32)
+    c = (tl.cos(angle) * rope_scale).to(ROPE_DTYPE).to(tl.float32)  # libdevice's cosf/sinf in fp32 on CUDA,
+    s = (tl.sin(angle) * rope_scale).to(ROPE_DTYPE).to(tl.float32)  # not the approximations
     if MLSTM:
         fq_off = fq_w + h * D * D + d[:, None] * D + d[None, :]
         fk_off = fk_w + hkv * D * D + d[:, None] * D + d[None, :]
@@ -112,8 +118,6 @@ def _decode_step(
         c_ptr = C + bh * D * D + d[:, None] * D + d[None, :]
         state, norm, m_old = tl.load(c_ptr), tl.load(n + bh * D + d), tl.load(m + bh)
     if SWA:
-        pos = tl.load(slot)
-        first = tl.load(start + b)
         if S > 0:
             js = tl.arange(0, S_PAD)
             sp = tl.load(sink_pos + b * S + js, mask=js < S, other=-1)
@@ -201,7 +205,7 @@ def default_launch(D: int, W: int, programs: int) -> tuple[int, int]:
 
 
 def fused_decode_step(
-    proj, q, k, cos, sin, slot, start, state, fmap_q, fmap_k, ring, sinks, *,
+    proj, q, k, rope, slot, start, state, fmap_q, fmap_k, ring, sinks, *,
     mixer: str, fmap_after_rope: bool, eps: float, launch: tuple[int, int] | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output h (B, H, D) of one decode token per row, in ``proj``'s dtype; updates in place
@@ -209,8 +213,10 @@ def fused_decode_step(
 
     proj: (B, N) raw [q; k; v; ĩ; f̃; õ] projections, N = (H + 2 Hkv) D + 3H (v, the gates and the output
     gate's pre-activation õ are read here); q: (B, H·D), k: (B, Hkv·D) before RoPE (after QK-norm), may be
-    strided views of proj; cos, sin: (B, D) RoPE rows of the token; slot: (1,) its absolute position;
-    start: (B,) each row's first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
+    strided views of proj; rope: (inv_freq (D/2,), scaling, dtype) of the rotary embedding, whose row for
+    position p is cos/sin(p · inv_freq) · scaling in fp32 rounded to dtype, p = max(slot − start, 0) (as
+    transformers' static RoPE: ``LlamaRotaryEmbedding`` and the like); slot: (1,) the token's absolute
+    position; start: (B,) each row's first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
     fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ring: k, v (B, Hkv, W, D),
     positions (W,) int64, -1 = empty; sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen.
     D a power of two >= 16.
@@ -239,9 +245,13 @@ def fused_decode_step(
     for name, t in (("proj", proj), ("q", q), ("k", k)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused decode step: {name} must have unit stride in its last dim")
-    buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, cos, sin, *fmap_q, *fmap_k)
+    inv_freq, rope_scale, rope_dtype = rope
+    if inv_freq.shape != (D // 2,) or rope_dtype not in _TL_DTYPES:
+        raise ValueError(f"fused decode step: RoPE inv_freq {tuple(inv_freq.shape)} ({D // 2},) expected, "
+                         f"dtype {rope_dtype} of {tuple(_TL_DTYPES)}")
+    buffers = (C, n, m, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, inv_freq, *fmap_q, *fmap_k)
     if not all(t.is_contiguous() for t in buffers):
-        raise ValueError("fused decode step: state, ring, sink, cos/sin and weight tensors must be contiguous")
+        raise ValueError("fused decode step: state, ring, sink, inv_freq and weight tensors must be contiguous")
     if C.dtype != torch.float32:
         raise ValueError(f"fused decode step: the mLSTM state must be fp32, got {C.dtype}")
     if not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -249,12 +259,12 @@ def fused_decode_step(
     out = proj.new_empty(B, H, D)
     _decode_step[(B, H)](
         proj, q, k, proj.stride(0), q.stride(0), k.stride(0),
-        cos, sin, slot, start,
+        inv_freq, float(rope_scale), slot, start,
         C, n, m, *fmap_q, *fmap_k,
         ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
         out, 1.0 / math.sqrt(D), eps,
         H=H, HKV=Hkv, D=D, W=W, S=S, S_PAD=triton.next_power_of_2(max(S, 1)), BLOCK_W=block_w,
         MLSTM=mixer != "swa", SWA=mixer != "mlstm", FMAP_AFTER_ROPE=fmap_after_rope, PDL=pdl,
-        num_warps=num_warps, launch_pdl=pdl,
+        ROPE_DTYPE=_TL_DTYPES[rope_dtype], num_warps=num_warps, launch_pdl=pdl,
     )
     return out

@@ -6,10 +6,10 @@ sink buffers), so the step can be captured once
 and replayed: ``decode_step`` is the student's layer forward for one token with the position held
 in a device tensor and no host syncs; it reuses the student's own modules and branch functions.
 
-Fast path (CUDA, triton, power-of-two head dim, ``XMERGE_KERNELS`` not 0) of a pre-norm teacher (Llama,
-Qwen2): per layer the fused attention kernel (kernels/decode_step.py: RoPE, feature maps, mLSTM step,
-window+sink attention, output gate, ring write) between the products, each layer's four products packed
-once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are Triton launches
+Fast path (CUDA, triton, power-of-two head dim, static RoPE, ``XMERGE_KERNELS`` not 0) of a pre-norm
+teacher (Llama, Qwen2): per layer the fused attention kernel (kernels/decode_step.py: the RoPE row and
+rotation, feature maps, mLSTM step, window+sink attention, output gate, ring write) between the products,
+each layer's four products packed once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the products are Triton launches
 (kernels/decode_rowwise.py) that fold the residual add + RMSNorm into the q/k/v/gates and gate/up
 products and SiLU(gate)·up into down_proj, and on Hopper stream their weights while the kernel before
 still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
@@ -61,16 +61,19 @@ class PackedLayer:
 
 
 def fused_step_takes(model, x: torch.Tensor) -> bool:
-    """Whether the fused kernel step can run for ``model`` with inputs on ``x``'s device."""
+    """Whether the fused kernel step can run for ``model`` with inputs on ``x``'s device: a power-of-two head
+    dim, and a RoPE whose frequencies do not change with the length (the kernel makes the rows itself)."""
     D = model.config.head_dim
-    return D >= 16 and D & (D - 1) == 0 and kernels_enabled(x)
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    static_rope = "dynamic" not in rope_type and rope_type != "longrope"
+    return D >= 16 and D & (D - 1) == 0 and static_rope and kernels_enabled(x)
 
 
 def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
     """Per layer, the packed q/k/v/igate/fgate, o, gate/up and down projections in ``dtype``.
 
     Memory: a second copy of the q/k/v/gates and gate/up weights, (N + 2I)·d elements of ``dtype`` per
-    layer (SmolLM2-135M in bf16: 35 MB and 106 MB, beside its ~270 MB of weights); o and down are the
+    layer (SmolLM2-135M in bf16: 34 MB and 106 MB, beside its ~270 MB of weights); o and down are the
     modules' own weights where they are in ``dtype`` already, else a cast copy.
     """
 
@@ -147,7 +150,7 @@ class Products:
         return self.plain(mlp.act(gate) * up, packed)
 
 
-def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
+def _fused_attention(attn, proj, rope, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
     """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃; õ] projections proj (B, N) through the fused
     kernel; updates lc's state and ring in place."""
     from xmerge.kernels.decode_rowwise import pdl_capable, rms_norm
@@ -161,7 +164,7 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products
     if config.qk_norm:
         q, k = rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
     h = fused_decode_step(
-        proj, q, k, cos, sin, slot, start, lc.mlstm,
+        proj, q, k, rope, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
         (lc.ring_k, lc.ring_v, lc.ring_pos), (lc.sink_k, lc.sink_v, lc.sink_pos),
         mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
@@ -170,18 +173,20 @@ def _fused_attention(attn, proj, cos, sin, slot, start, lc: LayerCache, products
     return h.view(h.shape[0], -1)
 
 
-def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, packed: list[PackedLayer], products):
+def _fused_layers(model, hidden, slot, start, cache: HybridCache, packed: list[PackedLayer], products):
     """(residual, delta) for embeddings hidden (B, d) through every layer on the fast path: the final norm's
     input is residual + delta (pre-norm: delta is the last MLP's output, not yet added), or residual alone
-    (post-norm, delta None)."""
+    (post-norm, delta None). The attention kernel makes each row's RoPE row as the rotary module would from
+    hidden (fused_step_takes: a static RoPE)."""
     from xmerge.kernels.decode_rowwise import add_normed
 
     layers = model.model.layers
     silu = model.config.hidden_act in SILU_ACTS
-    cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
+    rotary = model.model.rotary_emb
+    rope = (rotary.inv_freq, rotary.attention_scaling, hidden.dtype)
     if layers[0].post_norm:  # Olmo2: hidden + RMSNorm(attn(hidden)); hidden + RMSNorm(mlp(hidden))
         for layer, lc, pack in zip(layers, cache.layers, packed):
-            h = _fused_attention(layer.self_attn, products.plain(hidden, pack.qkv), cos, sin, slot, start, lc, products)
+            h = _fused_attention(layer.self_attn, products.plain(hidden, pack.qkv), rope, slot, start, lc, products)
             norm, ff_norm = layer.post_attention_layernorm, layer.post_feedforward_layernorm
             hidden = add_normed(hidden, products.plain(h, pack.o), norm.weight, norm.eps)
             mlp_out = products.down(layer.mlp, products.plain(hidden, pack.gate_up), pack.down, silu)
@@ -190,7 +195,7 @@ def _fused_layers(model, hidden, cos, sin, slot, start, cache: HybridCache, pack
     mlp_out = None  # the last MLP's output, added to hidden by the next norm
     for layer, lc, pack in zip(layers, cache.layers, packed):
         hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
-        h = _fused_attention(layer.self_attn, proj, cos, sin, slot, start, lc, products)
+        h = _fused_attention(layer.self_attn, proj, rope, slot, start, lc, products)
         attn_out = products.plain(h, pack.o)
         hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
         mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)
@@ -248,16 +253,16 @@ def decode_step(
     """
     inner = model.model
     start = cache.start
-    position_ids = (slot[None, :] - start[:, None]).clamp(min=0)  # (B, 1)
     hidden = inner.embed_tokens(ids)
-    cos, sin = inner.rotary_emb(hidden, position_ids)
     if packed is not None:
         from xmerge.kernels.decode_rowwise import LINEAR_MAX_K
 
         products = Products(rows=row_products_take(model.config, ids.shape[0], LINEAR_MAX_K),
                             dtype=packed[0].qkv[0].dtype)
-        hidden, delta = _fused_layers(model, hidden[:, 0], cos, sin, slot, start, cache, packed, products)
+        hidden, delta = _fused_layers(model, hidden[:, 0], slot, start, cache, packed, products)
         return _fused_head(model, hidden, delta, products, next_ids)
+    position_ids = (slot[None, :] - start[:, None]).clamp(min=0)  # (B, 1)
+    cos, sin = inner.rotary_emb(hidden, position_ids)
     for layer, lc in zip(inner.layers, cache.layers):
         attn = layer.self_attn
         h = _reference_attention(attn, layer.attention_input(hidden), cos, sin, slot, start, lc).transpose(1, 2)

@@ -20,8 +20,8 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from common import gpu, tiny_student, tiny_teacher
 from test_kernels_decode import llama_student_with
@@ -95,9 +95,10 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
     ogate = (0.1 * rnd(H, (H + 2 * Hkv) * D), rnd(H))
     raw = rnd(B, (H + 2 * Hkv) * D + 2 * H)
     proj = torch.cat([raw, raw[:, : (H + 2 * Hkv) * D] @ ogate[0].T + ogate[1]], 1)  # õ: the output gate's input
-    angle = rnd(B, D // 2)
-    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
     start = torch.tensor([0, 70, 140], device=DEVICE)[:B]  # row 1: sinks inside the window; row 2: short
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H, head_dim=D)).to(DEVICE)
+    rotary.attention_scaling = 1.25  # as YaRN scales the rows
+    cos, sin = (t[:, 0] for t in rotary(proj, (pos - start).clamp(min=0)[:, None]))  # the rows the kernel makes
     state = (rnd(B, H, D, D).abs(), rnd(B, H, D).abs(), rnd(B, H))
     state[2][0, 0] = float("-inf")  # a head with no mass yet
     fmaps = ((rnd(H, D, D), rnd(H, D)), (rnd(Hkv, D, D), rnd(Hkv, D)))
@@ -112,8 +113,9 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
     )
     state = tuple(t.clone() for t in state)
     h = fused_decode_step(
-        proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], cos, sin, torch.tensor([pos], device=DEVICE), start,
-        state, *fmaps, ring, sinks, mixer=mixer, fmap_after_rope=after_rope, eps=eps, launch=launch,
+        proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], (rotary.inv_freq, 1.25, torch.float32),
+        torch.tensor([pos], device=DEVICE), start, state, *fmaps, ring, sinks, mixer=mixer,
+        fmap_after_rope=after_rope, eps=eps, launch=launch,
     )
     assert rel_err(h, want_h) < 1e-5
     if mixer != "swa":
@@ -126,15 +128,19 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
 
 @kernel_test
 @pytest.mark.parametrize("launch", [(48, 4), (0, 4), (64, 3)])
-def test_kernel_refuses_a_launch_of_no_power_of_two(launch):
+def test_kernel_refuses_a_bad_launch_or_rope(launch):
     from xmerge.kernels.decode_step import fused_decode_step
 
     z = torch.zeros
     fmaps = ((z(2, 16, 16), z(2, 16)), (z(1, 16, 16), z(1, 16)))
     ring, sinks = (z(1, 1, 8, 16), z(1, 1, 8, 16), z(8)), (z(1, 1, 2, 16), z(1, 1, 2, 16), z(1, 2))
+    step = lambda **kw: fused_decode_step(  # noqa: E731
+        z(1, 70), z(1, 32), z(1, 16), kw.get("rope", (z(8), 1.0, torch.float32)), z(1), z(1), (z(1), z(1), z(1)),
+        *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=kw.get("launch"))
     with pytest.raises(ValueError, match="powers of two"):
-        fused_decode_step(z(1, 70), z(1, 32), z(1, 16), z(1, 16), z(1, 16), z(1), z(1), (z(1), z(1), z(1)),
-                          *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=launch)
+        step(launch=launch)
+    with pytest.raises(ValueError, match="RoPE"):
+        step(rope=(z(16), 1.0, torch.float32))  # inv_freq is D/2 wide
 
 
 ROW_DTYPES = {  # hidden, delta, norm weight: fp32 model, bf16 model, fp32 model under bf16 autocast

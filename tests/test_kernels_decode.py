@@ -102,6 +102,18 @@ def test_fused_step_stays_off_on_cpu():
     assert not fused_step_takes(model, torch.zeros(1))
 
 
+def test_fused_step_takes_only_a_static_rope(monkeypatch):
+    """The kernel makes the RoPE rows from inv_freq: RoPE types that rescale it with the length stay off."""
+    from xmerge.modeling import decode_graph
+
+    monkeypatch.setattr(decode_graph, "kernels_enabled", lambda x: True)  # as on CUDA with triton
+    model = tiny_student("llama")
+    assert fused_step_takes(model, torch.zeros(1))
+    for rope_type in ("dynamic", "longrope"):
+        monkeypatch.setattr(model.model.rotary_emb, "rope_type", rope_type)
+        assert not fused_step_takes(model, torch.zeros(1))
+
+
 def test_row_products_take_few_rows_of_one_tile_width():
     config = tiny_student("llama").config  # hidden 64, intermediate 128, 4 heads × 16
     assert row_products_take(config, 1, 2048) and row_products_take(config, ROW_PRODUCTS_MAX_B, 2048)
