@@ -31,8 +31,8 @@ import torch._dynamo
 
 from transformers import StaticCache
 
-from xmerge.modeling.convert import convert_teacher
 from xmerge.modeling import decode_graph
+from xmerge.modeling.convert import convert_teacher
 from xmerge.modeling.decode_graph import GraphedGreedyDecoder
 from xmerge.modeling.teacher import load_teacher
 

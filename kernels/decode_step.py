@@ -216,10 +216,10 @@ def fused_decode_step(
     strided views of proj; rope: (inv_freq (D/2,), scaling, dtype) of the rotary embedding, whose row for
     position p is cos/sin(p · inv_freq) · scaling in fp32 rounded to dtype, p = max(slot − start, 0) (as
     transformers' static RoPE: ``LlamaRotaryEmbedding`` and the like); slot: (1,) the token's absolute
-    position; start: (B,) each row's first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32, contiguous;
-    fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ring: k, v (B, Hkv, W, D),
-    positions (W,) int64, -1 = empty; sinks: k, v (B, Hkv, S, D), positions (B, S) int64, -1 = not seen.
-    D a power of two >= 16.
+    position; start: (B,) each row's first real slot; state: C (B, H, D, D), n (B, H, D), m (B, H), fp32,
+    contiguous; fmap_q: weight (H, D, D), bias (H, D); fmap_k: (Hkv, D, D), (Hkv, D); ring: k, v
+    (B, Hkv, W, D), positions (W,) int64, -1 = empty; sinks: k, v (B, Hkv, S, D), positions (B, S) int64,
+    -1 = not seen. D a power of two >= 16.
     launch: (block_w, num_warps), powers of two; ``default_launch`` when None.
     pdl: launch as a programmatic dependent launch (Hopper; kernels/decode_rowwise.pdl_capable), between
     products that are such launches too.
