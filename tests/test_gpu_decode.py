@@ -96,7 +96,7 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
     raw = rnd(B, (H + 2 * Hkv) * D + 2 * H)
     proj = torch.cat([raw, raw[:, : (H + 2 * Hkv) * D] @ ogate[0].T + ogate[1]], 1)  # õ: the output gate's input
     start = torch.tensor([0, 70, 140], device=DEVICE)[:B]  # row 1: sinks inside the window; row 2: short
-    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H, head_dim=D)).to(DEVICE)
+    rotary = LlamaRotaryEmbedding(config=LlamaConfig(hidden_size=H * D, num_attention_heads=H, head_dim=D)).to(DEVICE)
     rotary.attention_scaling = 1.25  # as YaRN scales the rows
     cos, sin = (t[:, 0] for t in rotary(proj, (pos - start).clamp(min=0)[:, None]))  # the rows the kernel makes
     state = (rnd(B, H, D, D).abs(), rnd(B, H, D).abs(), rnd(B, H))
