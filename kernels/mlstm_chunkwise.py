@@ -83,8 +83,8 @@ def _fit_blocks(configs, named_args, **kwargs):
 # 64K. The first entries are the launches used before tuning; every entry is tested (tests/test_kernels.py).
 # The state passes are sequential over chunks: num_stages pipelines the next chunks' k/v (q/dh) loads,
 # small blocks add programs when B·NH alone leaves SMs idle. _fwd_out walks CHUNKS consecutive chunks per
-# program: num_stages pipelines the next chunk's q/k/v/state loads behind this chunk's products; at CHUNKS = 1
-# there is nothing to overlap, and num_stages = 1 keeps the one-chunk kernel's code and shared memory.
+# program: num_stages pipelines the next chunk's q/k/v/state loads behind this chunk's products; CHUNKS = 1
+# has no loop (the one-chunk kernel as before, the same PTX). It tunes forward-only calls (no stats) apart.
 STATE_CONFIGS = [
     triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
     for bk, bv, w, s in (

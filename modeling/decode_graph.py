@@ -12,8 +12,8 @@ rotation, feature maps, mLSTM step, window+sink attention, output gate, ring wri
 each layer's four products packed once by ``pack_projections``. Up to ``ROW_PRODUCTS_MAX_B`` rows the
 products are Triton launches (kernels/decode_rowwise.py) that fold the residual add + RMSNorm into the
 q/k/v/gates and gate/up products and SiLU(gate)·up into down_proj, and on Hopper stream their weights
-while the kernel before still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or widths past
-``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
+while the kernel before still runs (programmatic dependent launch): 5 launches a layer. Wider batches, or
+widths past ``LINEAR_MAX_K``, run cuBLAS products between row kernels for the norms and the SiLU: 8 a layer.
 Olmo2 adds its two QK-norms and does hidden + RMSNorm(delta) in one launch each. With row products the
 final norm, the LM head and the greedy argmax are two launches (``_fused_head``). Elsewhere the
 pure-PyTorch step below, which the fast path is tested against.

@@ -279,6 +279,8 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
             return
         for x in xs + state:
             x.grad = None
+        with torch.no_grad():  # forward only: the output pass without the backward's stats, the same h
+            assert torch.equal(mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)[0], h.detach())
         rep = NH // NKV
         h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(
             refs[0], refs[1].repeat_interleave(rep, 1), refs[2].repeat_interleave(rep, 1), refs[3], refs[4],
