@@ -40,7 +40,7 @@ def inputs(B, H, Hkv, D, W, S, pos):
     return proj, rope, slot, start, state, fmaps, ring, sinks
 
 
-def step(args, H, Hkv, D, launch):
+def step(args, H, Hkv, D, launch, mixer="hybrid"):
     """A call of the kernel on fresh copies of the mutable inputs, and the call itself (for timing)."""
     proj, rope, slot, start, state, fmaps, ring, sinks = args
     state, ring = tuple(t.clone() for t in state), tuple(t.clone() for t in ring)
@@ -48,7 +48,7 @@ def step(args, H, Hkv, D, launch):
     def run():
         return fused_decode_step(
             proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], rope, slot, start,
-            state, *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=launch,
+            state, *fmaps, ring, sinks, mixer=mixer, fmap_after_rope=False, eps=1e-6, launch=launch,
         )
 
     return run(), run
@@ -61,22 +61,25 @@ def main() -> None:
     parser.add_argument("--block-w", default="32,64,128,256,512", help="ring slots per loop step to try")
     parser.add_argument("--warps", default="2,4,8,16", help="num_warps to try")
     parser.add_argument("--baseline", default="64,4", help="block_w,num_warps of the baseline launch")
+    parser.add_argument("--mixers", default="hybrid",
+                        help="mixers to time (hybrid, swa, mlstm: what each branch of the step costs alone); "
+                             "each is compared with the baseline launch of the same mixer")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     H, Hkv, D, W, S = map(int, args.dims.split(","))
     baseline = tuple(map(int, args.baseline.split(",")))
     launches = list(itertools.product(map(int, args.block_w.split(",")), map(int, args.warps.split(","))))
     rows = []
-    for B in map(int, args.batch.split(",")):
+    for B, mixer in itertools.product(map(int, args.batch.split(",")), args.mixers.split(",")):
         data = inputs(B, H, Hkv, D, W, S, pos=4 * W + 3)
         shipped = default_launch(D, W, B * H)
-        want, run = step(data, H, Hkv, D, baseline)
+        want, run = step(data, H, Hkv, D, baseline, mixer)
         base = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
         for launch in launches:
-            row = {"batch": B, "dims": [H, Hkv, D, W, S], "block_w": launch[0], "num_warps": launch[1],
-                   "baseline": list(baseline), "shipped": launch == shipped}
+            row = {"batch": B, "mixer": mixer, "dims": [H, Hkv, D, W, S], "block_w": launch[0],
+                   "num_warps": launch[1], "baseline": list(baseline), "shipped": launch == shipped}
             try:
-                got, run = step(data, H, Hkv, D, launch)
+                got, run = step(data, H, Hkv, D, launch, mixer)
                 row["us"] = 1e3 * triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
                 row["vs_baseline"] = 1e3 * base / row["us"]
                 row["rel_err_vs_baseline"] = ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -87,15 +90,14 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
-    for B in sorted({r["batch"] for r in rows}):
-        timed = [r for r in rows if r["batch"] == B and "us" in r]
+    for B, mixer in sorted({(r["batch"], r["mixer"]) for r in rows}):
+        timed = [r for r in rows if (r["batch"], r["mixer"]) == (B, mixer) and "us" in r]
         best = min(timed, key=lambda r: r["us"])
         shipped = next((r for r in timed if r["shipped"]), None)
-        print(f"B={B}: best ({best['block_w']}, {best['num_warps']}) {best['us']:.2f} us "
+        print(f"B={B} {mixer}: best ({best['block_w']}, {best['num_warps']}) {best['us']:.2f} us "
               f"({best['vs_baseline']:.2f}x baseline {best['baseline']})"
-              + (f"; shipped ({shipped['block_w']}, {shipped['num_warps']}) {shipped['vs_baseline']:.2f}x"
+              + (f"; shipped ({shipped['block_w']}, {shipped['num_warps']}) {shipped['us']:.2f} us"
                  if shipped else ""))
-
 
 if __name__ == "__main__":
     main()
