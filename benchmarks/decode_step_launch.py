@@ -2,12 +2,14 @@
 
 One layer of the hybrid student, SmolLM2 dims by default (9 heads, 3 kv heads, D 64, window 512,
 4 sinks), bf16 projections/ring/weights and fp32 state as in the graph decoder, ring full. Each launch
-(block_w ring slots per loop step, num_warps) is timed inside a CUDA graph (as the decoder replays it)
-and compared with a baseline launch of the same run (by default 64 slots over 4 warps, the launch
-before this sweep): ratio = baseline time / its time (> 1: faster), and the relative error of its
-output against the baseline's (same inputs). "shipped" marks the launch ``default_launch`` picks.
+(split: window programs per head, 0 = one program; block_w ring slots per loop step; num_warps) is
+timed inside a CUDA graph (as the decoder replays it) and compared with a baseline launch of the same
+run (by default one program, 64 slots over 4 warps, the launch before the first sweep): ratio =
+baseline time / its time (> 1: faster), and the relative error of its output against the baseline's
+(same inputs). "shipped" marks the launch ``default_split`` and ``default_launch`` pick.
 
     python benchmarks/decode_step_launch.py --batch 1,8,32 --out decode_step_launch.json
+    python benchmarks/decode_step_launch.py --batch 1,2,4,8 --block-w 512 --warps 2,4,8 --splits 1,2,4,8
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import torch
 import triton
 
-from xmerge.kernels.decode_step import default_launch, fused_decode_step
+from xmerge.kernels.decode_step import default_launch, default_split, fused_decode_step
 
 
 def inputs(B, H, Hkv, D, W, S, pos):
@@ -41,14 +43,16 @@ def inputs(B, H, Hkv, D, W, S, pos):
 
 
 def step(args, H, Hkv, D, launch, mixer="hybrid"):
-    """A call of the kernel on fresh copies of the mutable inputs, and the call itself (for timing)."""
+    """A call of the kernel with launch (split, block_w, num_warps) on fresh copies of the mutable inputs,
+    and the call itself (for timing; the split step's counters allocated once, as the decoder's cache does)."""
     proj, rope, slot, start, state, fmaps, ring, sinks = args
     state, ring = tuple(t.clone() for t in state), tuple(t.clone() for t in ring)
+    arrivals = torch.zeros(proj.shape[0] * H, dtype=torch.int32, device=proj.device)
 
     def run():
         return fused_decode_step(
-            proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], rope, slot, start,
-            state, *fmaps, ring, sinks, mixer=mixer, fmap_after_rope=False, eps=1e-6, launch=launch,
+            proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], rope, slot, start, state, *fmaps, ring, sinks,
+            mixer=mixer, fmap_after_rope=False, eps=1e-6, split=launch[0], launch=launch[1:], arrivals=arrivals,
         )
 
     return run(), run
@@ -60,24 +64,31 @@ def main() -> None:
     parser.add_argument("--dims", default="9,3,64,512,4", help="H,Hkv,D,W,S")
     parser.add_argument("--block-w", default="32,64,128,256,512", help="ring slots per loop step to try")
     parser.add_argument("--warps", default="2,4,8,16", help="num_warps to try")
-    parser.add_argument("--baseline", default="64,4", help="block_w,num_warps of the baseline launch")
+    parser.add_argument("--splits", default="0",
+                        help="window programs per (row, head) to try: 0 = one program for the whole step; "
+                             "a split launch takes its share in one block, over each --warps count")
+    parser.add_argument("--baseline", default="64,4", help="block_w,num_warps of the baseline launch (unsplit)")
     parser.add_argument("--mixers", default="hybrid",
                         help="mixers to time (hybrid, swa, mlstm: what each branch of the step costs alone); "
                              "each is compared with the baseline launch of the same mixer")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     H, Hkv, D, W, S = map(int, args.dims.split(","))
-    baseline = tuple(map(int, args.baseline.split(",")))
-    launches = list(itertools.product(map(int, args.block_w.split(",")), map(int, args.warps.split(","))))
+    baseline = (0, *map(int, args.baseline.split(",")))
+    warps = list(map(int, args.warps.split(",")))
     rows = []
     for B, mixer in itertools.product(map(int, args.batch.split(",")), args.mixers.split(",")):
         data = inputs(B, H, Hkv, D, W, S, pos=4 * W + 3)
-        shipped = default_launch(D, W, B * H)
+        split = default_split(B * H, W, mixer)
+        shipped = (split, *default_launch(D, W, B * H, split))
+        launches = [(0, block_w, w) for block_w, w in itertools.product(map(int, args.block_w.split(",")), warps)]
+        launches += [(p, default_launch(D, W, B * H, p)[0], w)
+                     for p, w in itertools.product(map(int, args.splits.split(",")), warps) if p]
         want, run = step(data, H, Hkv, D, baseline, mixer)
         base = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
         for launch in launches:
-            row = {"batch": B, "mixer": mixer, "dims": [H, Hkv, D, W, S], "block_w": launch[0],
-                   "num_warps": launch[1], "baseline": list(baseline), "shipped": launch == shipped}
+            row = {"batch": B, "mixer": mixer, "dims": [H, Hkv, D, W, S], "split": launch[0], "block_w": launch[1],
+                   "num_warps": launch[2], "baseline": list(baseline), "shipped": launch == shipped}
             try:
                 got, run = step(data, H, Hkv, D, launch, mixer)
                 row["us"] = 1e3 * triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
@@ -94,10 +105,9 @@ def main() -> None:
         timed = [r for r in rows if (r["batch"], r["mixer"]) == (B, mixer) and "us" in r]
         best = min(timed, key=lambda r: r["us"])
         shipped = next((r for r in timed if r["shipped"]), None)
-        print(f"B={B} {mixer}: best ({best['block_w']}, {best['num_warps']}) {best['us']:.2f} us "
-              f"({best['vs_baseline']:.2f}x baseline {best['baseline']})"
-              + (f"; shipped ({shipped['block_w']}, {shipped['num_warps']}) {shipped['us']:.2f} us"
-                 if shipped else ""))
+        name = lambda r: f"({r['split']}, {r['block_w']}, {r['num_warps']})"  # noqa: E731
+        print(f"B={B} {mixer}: best {name(best)} {best['us']:.2f} us ({best['vs_baseline']:.2f}x baseline "
+              f"{best['baseline']})" + (f"; shipped {name(shipped)} {shipped['us']:.2f} us" if shipped else ""))
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,9 @@ class HybridCache:
         ring_k, ring_v = (per_layer((batch_size, Hkv, W, D), 0, dtype) for _ in range(2))
         sink_k, sink_v = (per_layer((batch_size, Hkv, S, D), 0, dtype) for _ in range(2))
         ring_pos, sink_pos = per_layer((W,), -1, torch.long), per_layer((batch_size, S), -1, torch.long)
+        # the fused decode step's per-(row, head) arrival counters (kernels/decode_step.py, split window):
+        # zero between steps, one buffer for every layer since the layers' steps run one after another
+        self.arrivals = torch.zeros(batch_size * H, device=device, dtype=torch.int32)
         self.layers = [
             LayerCache(mlstm=(C[i], n[i], m[i]), ring_k=ring_k[i], ring_v=ring_v[i], ring_pos=ring_pos[i],
                        sink_k=sink_k[i], sink_v=sink_v[i], sink_pos=sink_pos[i])

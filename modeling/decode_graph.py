@@ -150,9 +150,9 @@ class Products:
         return self.plain(mlp.act(gate) * up, packed)
 
 
-def _fused_attention(attn, proj, rope, slot, start, lc: LayerCache, products: Products) -> torch.Tensor:
+def _fused_attention(attn, proj, rope, slot, start, lc: LayerCache, arrivals, products: Products) -> torch.Tensor:
     """h (B, H·D) of one token from its raw [q; k; v; ĩ; f̃; õ] projections proj (B, N) through the fused
-    kernel; updates lc's state and ring in place."""
+    kernel; updates lc's state and ring in place (arrivals: the cache's counters for a split step)."""
     from xmerge.kernels.decode_rowwise import pdl_capable, rms_norm
     from xmerge.kernels.decode_step import fused_decode_step
 
@@ -167,7 +167,7 @@ def _fused_attention(attn, proj, rope, slot, start, lc: LayerCache, products: Pr
         proj, q, k, rope, slot, start, lc.mlstm,
         (attn.fmap_q.weight, attn.fmap_q.bias), (attn.fmap_k.weight, attn.fmap_k.bias),
         (lc.ring_k, lc.ring_v, lc.ring_pos), (lc.sink_k, lc.sink_v, lc.sink_pos),
-        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps,
+        mixer=config.mixer, fmap_after_rope=config.fmap_after_rope, eps=config.mlstm_eps, arrivals=arrivals,
         pdl=products.rows and pdl_capable(proj),
     )
     return h.view(h.shape[0], -1)
@@ -186,7 +186,8 @@ def _fused_layers(model, hidden, slot, start, cache: HybridCache, packed: list[P
     rope = (rotary.inv_freq, rotary.attention_scaling, hidden.dtype)
     if layers[0].post_norm:  # Olmo2: hidden + RMSNorm(attn(hidden)); hidden + RMSNorm(mlp(hidden))
         for layer, lc, pack in zip(layers, cache.layers, packed):
-            h = _fused_attention(layer.self_attn, products.plain(hidden, pack.qkv), rope, slot, start, lc, products)
+            h = _fused_attention(layer.self_attn, products.plain(hidden, pack.qkv), rope, slot, start, lc,
+                                 cache.arrivals, products)
             norm, ff_norm = layer.post_attention_layernorm, layer.post_feedforward_layernorm
             hidden = add_normed(hidden, products.plain(h, pack.o), norm.weight, norm.eps)
             mlp_out = products.down(layer.mlp, products.plain(hidden, pack.gate_up), pack.down, silu)
@@ -195,7 +196,7 @@ def _fused_layers(model, hidden, slot, start, cache: HybridCache, packed: list[P
     mlp_out = None  # the last MLP's output, added to hidden by the next norm
     for layer, lc, pack in zip(layers, cache.layers, packed):
         hidden, proj = products.normed(hidden, mlp_out, layer.input_layernorm, pack.qkv)
-        h = _fused_attention(layer.self_attn, proj, rope, slot, start, lc, products)
+        h = _fused_attention(layer.self_attn, proj, rope, slot, start, lc, cache.arrivals, products)
         attn_out = products.plain(h, pack.o)
         hidden, gate_up = products.normed(hidden, attn_out, layer.post_attention_layernorm, pack.gate_up)
         mlp_out = products.down(layer.mlp, gate_up, pack.down, silu)

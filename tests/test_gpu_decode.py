@@ -76,17 +76,22 @@ def reference_branches(proj, cos, sin, pos, start, state, fmaps, ogate, ring, si
 
 
 @kernel_test
-@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope,launch", [
-    (9, 3, 64, 100, 4, "hybrid", False, None),  # SmolLM2 heads, W not a power of two
-    (9, 3, 64, 100, 4, "hybrid", False, (16, 2)),  # seven ring blocks
-    (9, 3, 64, 100, 4, "hybrid", False, (256, 8)),  # one block wider than the ring
-    (4, 4, 32, 64, 0, "hybrid", True, None),  # no GQA, no sinks, feature maps on rotated q/k
-    (6, 2, 16, 5, 7, "hybrid", False, None),  # more sinks than window
-    (4, 2, 16, 100, 4, "swa", False, None),
-    (4, 2, 16, 100, 4, "mlstm", True, None),
-    (6, 2, 128, 64, 2, "hybrid", False, None),  # wider heads: their default launch
+@pytest.mark.parametrize("H,Hkv,D,W,S,mixer,after_rope,launch,split", [
+    (9, 3, 64, 100, 4, "hybrid", False, None, 0),  # SmolLM2 heads, W not a power of two, one program a head
+    (9, 3, 64, 100, 4, "hybrid", False, (16, 2), 0),  # seven ring blocks
+    (9, 3, 64, 100, 4, "hybrid", False, (256, 8), 0),  # one block wider than the ring
+    (9, 3, 64, 100, 4, "hybrid", False, None, None),  # the default split (2 window programs at B·H = 27)
+    (9, 3, 64, 100, 4, "hybrid", False, (8, 4), 2),  # split, each share over four ring blocks
+    (9, 3, 64, 100, 4, "hybrid", False, None, 8),  # split 8 ways: 13 slots a share, the last one 9
+    (4, 4, 32, 64, 0, "hybrid", True, None, None),  # no GQA, no sinks, feature maps on rotated q/k
+    (6, 2, 16, 5, 7, "hybrid", False, None, None),  # more sinks than window
+    (6, 2, 16, 5, 7, "hybrid", False, None, 4),  # split wider than the window: shares of 2, the last empty
+    (4, 2, 16, 100, 4, "swa", False, None, 0),
+    (4, 2, 16, 100, 4, "swa", False, None, 2),
+    (4, 2, 16, 100, 4, "mlstm", True, None, None),
+    (6, 2, 128, 64, 2, "hybrid", False, None, 0),  # wider heads: their default launch
 ])
-def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch):
+def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, launch, split):
     from xmerge.kernels.decode_step import fused_decode_step
 
     g = torch.Generator().manual_seed(0)
@@ -112,12 +117,14 @@ def test_kernel_equals_reference_branches(H, Hkv, D, W, S, mixer, after_rope, la
         after_rope=after_rope, eps=eps,
     )
     state = tuple(t.clone() for t in state)
+    arrivals = torch.zeros(B * H, dtype=torch.int32, device=DEVICE)
     h = fused_decode_step(
         proj, proj[:, : H * D], proj[:, H * D : (H + Hkv) * D], (rotary.inv_freq, 1.25, torch.float32),
         torch.tensor([pos], device=DEVICE), start, state, *fmaps, ring, sinks, mixer=mixer,
-        fmap_after_rope=after_rope, eps=eps, launch=launch,
+        fmap_after_rope=after_rope, eps=eps, launch=launch, split=split, arrivals=arrivals,
     )
     assert rel_err(h, want_h) < 1e-5
+    assert not arrivals.any()  # the split step's counters are left at zero for the next step
     if mixer != "swa":
         for got, want in zip(state, want_state):
             assert rel_err(got.nan_to_num(neginf=0), want.nan_to_num(neginf=0)) < 1e-5
@@ -136,9 +143,12 @@ def test_kernel_refuses_a_bad_launch_or_rope(launch):
     ring, sinks = (z(1, 1, 8, 16), z(1, 1, 8, 16), z(8)), (z(1, 1, 2, 16), z(1, 1, 2, 16), z(1, 2))
     step = lambda **kw: fused_decode_step(  # noqa: E731
         z(1, 70), z(1, 32), z(1, 16), kw.get("rope", (z(8), 1.0, torch.float32)), z(1), z(1), (z(1), z(1), z(1)),
-        *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=kw.get("launch"))
+        *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=kw.get("launch"),
+        split=kw.get("split"))
     with pytest.raises(ValueError, match="powers of two"):
         step(launch=launch)
+    with pytest.raises(ValueError, match="split=3"):
+        step(split=3)
     with pytest.raises(ValueError, match="RoPE"):
         step(rope=(z(16), 1.0, torch.float32))  # inv_freq is D/2 wide
 
