@@ -15,9 +15,17 @@ and writes h (B, H, D) plus the token's k_rot, v and position into ring slot ``p
 The same math as the PyTorch reference (modeling/mlstm.mlstm_recurrent_step,
 modeling/swa.window_sink_attention), including m = −inf (no mass yet) and the sink/window rule.
 
+With few rows a program per (row, head) leaves most SMs idle and its chain of dependent loads and
+reductions sets the step's time, so the window is split (``split`` = P): P programs per (row, head) each
+attend over a 1/P share of the ring (program 0 also over the token itself and the sinks) and store their
+online-softmax state (max, sum, weighted values), one more runs the mLSTM step and stores its output; the
+last of them to arrive (a per-(row, head) counter, acquire/release at GPU scope) combines the shares,
+mixes in the mLSTM output through the gate and resets the counter.
+
 Race-free ring update: window keys count only where 1 <= pos − ring_pos < W, and the token itself
 is added explicitly, so the slot being overwritten is masked whether a program reads it before or
-after the write; one program per (row, kv head) writes k/v, program (0, 0) writes ring_pos.
+after the write; one program per (row, kv head) writes k/v, program (0, 0, 0) writes ring_pos. The
+mLSTM state of a head is read and written by its one mLSTM program.
 
 Precondition (as for the graph decoder): the token is no sink and no left padding (pos >= start).
 """
