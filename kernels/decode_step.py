@@ -89,6 +89,13 @@ def _attend_ring(qs, rp, kw, vw, pos, first, m_i, l_i, acc, W: tl.constexpr):
 
 
 @triton.jit
+def _wait_for_product(PDL: tl.constexpr):
+    if PDL:  # launched early by the product before: wait for it, and let the next product load its weights
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _token(proj, q_in, k_in, b, h, hkv, stride_proj, stride_q, stride_k, d, c, s,
            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     """The token's q, k (rotated and not) and v, fp32 (D,): read after the product before has written them."""
@@ -224,7 +231,7 @@ def _decode_step(
     # program P the mLSTM step; each leaves its part in part_*, and the last one in combines them.
     SPAN: tl.constexpr = W if SPLIT == 0 else (W + SPLIT - 1) // SPLIT
     ONE_BLOCK: tl.constexpr = SPAN <= BLOCK_W
-    lo = 0 if SPLIT == 0 else tl.minimum(part, SPLIT) * SPAN
+    lo = 0 if SPLIT == 0 else part * SPAN
     hi = tl.minimum(lo + SPAN, W)
     own = part == 0
     leader = h % (H // HKV) == 0  # one program per (row, kv head) writes the ring
@@ -244,9 +251,7 @@ def _decode_step(
         if SWA:
             sp, ks, vs, rp0, kw0, vw0 = _window_inputs(ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, b, kv,
                                                        lo, hi, True, d, W, D, S, S_PAD, BLOCK_W, ONE_BLOCK)
-        if PDL:  # launched early by the product before: wait for it, and let the next product load its weights
-            gdc_wait()
-            gdc_launch_dependents()
+        _wait_for_product(PDL)
         q_rot, q, k_rot, k, v = _token(proj, q_in, k_in, b, h, hkv, stride_proj, stride_q, stride_k, d, c, s,
                                        H, HKV, D)
         h_mlstm = v  # placeholders for the branch the mixer leaves out
@@ -265,9 +270,7 @@ def _decode_step(
         if part == SPLIT:  # the mLSTM program (launched for the hybrid only)
             if MLSTM:
                 wq, wk, bq, bk, state, norm, m_old = _mlstm_inputs(C, n, m, fq_w, fq_b, fk_w, fk_b, h, hkv, bh, d, D)
-                if PDL:
-                    gdc_wait()
-                    gdc_launch_dependents()
+                _wait_for_product(PDL)
                 q_rot, q, k_rot, k, v = _token(proj, q_in, k_in, b, h, hkv, stride_proj, stride_q, stride_k, d,
                                                c, s, H, HKV, D)
                 h_mlstm = _mlstm(proj, stride_proj, b, h, bh, d, q, k, q_rot, k_rot, v, wq, wk, bq, bk, state,
@@ -276,9 +279,7 @@ def _decode_step(
         else:
             sp, ks, vs, rp0, kw0, vw0 = _window_inputs(ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, b, kv,
                                                        lo, hi, own, d, W, D, S, S_PAD, BLOCK_W, ONE_BLOCK)
-            if PDL:
-                gdc_wait()
-                gdc_launch_dependents()
+            _wait_for_product(PDL)
             q_rot, q, k_rot, k, v = _token(proj, q_in, k_in, b, h, hkv, stride_proj, stride_q, stride_k, d, c, s,
                                            H, HKV, D)
             m_i, l_i, acc = _window(q_rot, k_rot, v, pos, first, own, kv, lo, hi, d, ring_k, ring_v, ring_pos,
