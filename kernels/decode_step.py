@@ -232,7 +232,7 @@ def _decode_step(
     SPAN: tl.constexpr = W if SPLIT == 0 else (W + SPLIT - 1) // SPLIT
     ONE_BLOCK: tl.constexpr = SPAN <= BLOCK_W
     lo = 0 if SPLIT == 0 else part * SPAN
-    hi = tl.minimum(lo + SPAN, W)
+    hi = W if SPLIT == 0 else tl.minimum(lo + SPAN, W)  # unsplit: the constant W, no runtime ring mask
     own = part == 0
     leader = h % (H // HKV) == 0  # one program per (row, kv head) writes the ring
 
@@ -263,7 +263,7 @@ def _decode_step(
             m_i, l_i, acc = _window(q_rot, k_rot, v, pos, first, True, kv, lo, hi, d, ring_k, ring_v, ring_pos,
                                     sp, ks, vs, rp0, kw0, vw0, scale, W, D, S, BLOCK_W, ONE_BLOCK)
             h_swa = acc / l_i
-            if leader:
+            if h % (H // HKV) == 0:  # spelled out, not `leader`: the unsplit kernel then compiles as before the split
                 _write_ring(ring_k, ring_v, ring_pos, k_rot, v, pos, kv, b, h, d, W, D)
         _finish(proj, stride_proj, b, bh, h, d, h_mlstm, h_swa, out, H, NQKV, D, MLSTM, SWA)
     else:
