@@ -101,13 +101,14 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
+    name = lambda r: f"({r['split']}, {r['block_w']}, {r['num_warps']})"  # noqa: E731
     for B, mixer in sorted({(r["batch"], r["mixer"]) for r in rows}):
         timed = [r for r in rows if (r["batch"], r["mixer"]) == (B, mixer) and "us" in r]
         best = min(timed, key=lambda r: r["us"])
         shipped = next((r for r in timed if r["shipped"]), None)
-        name = lambda r: f"({r['split']}, {r['block_w']}, {r['num_warps']})"  # noqa: E731
         print(f"B={B} {mixer}: best {name(best)} {best['us']:.2f} us ({best['vs_baseline']:.2f}x baseline "
               f"{best['baseline']})" + (f"; shipped {name(shipped)} {shipped['us']:.2f} us" if shipped else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -310,6 +310,7 @@ def _decode_step(
 
 
 WIDE_PROGRAMS_MAX = 132  # an H200's SMs: up to about one program per SM, each takes the whole window
+
 # (most B·H pairs, window programs per head) from few to many pairs; past the last, one program per pair.
 # The step is a chain of dependent loads and reductions, shorter over fewer ring slots: split, the window
 # programs run beside the mLSTM one. H200, SmolLM2's heads, W = 512 (benchmarks/decode_step_launch.py):
@@ -379,6 +380,11 @@ def fused_decode_step(
     split = (default_split(B * H, W, mixer) if split is None else split) if mixer != "mlstm" else 0
     if split < 0 or split & (split - 1):
         raise ValueError(f"split={split}: window programs per head must be 0 or a power of two")
+    if split and arrivals is not None and (
+        arrivals.shape != (B * H,) or arrivals.dtype != torch.int32 or arrivals.device != proj.device
+    ):
+        raise ValueError(f"fused decode step: arrivals must be ({B * H},) int32 on {proj.device}, "
+                         f"got {tuple(arrivals.shape)} {arrivals.dtype} on {arrivals.device}")
     block_w, num_warps = launch or default_launch(D, W, B * H, split)
     if block_w < 1 or block_w & (block_w - 1) or num_warps < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"launch={launch}: block_w and num_warps must be powers of two")
@@ -410,9 +416,6 @@ def fused_decode_step(
         part_h = scratch[B * H * split * (D + 2) :]
         if arrivals is None:
             arrivals = torch.zeros(B * H, device=proj.device, dtype=torch.int32)
-        if arrivals.shape != (B * H,) or arrivals.dtype != torch.int32 or arrivals.device != proj.device:
-            raise ValueError(f"fused decode step: arrivals must be ({B * H},) int32 on {proj.device}, "
-                             f"got {tuple(arrivals.shape)} {arrivals.dtype} on {arrivals.device}")
     else:
         part_acc = part_ml = part_h = arrivals = out  # not read
     _decode_step[(B, H, parts)](

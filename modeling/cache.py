@@ -63,7 +63,7 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of the cache."""
-        total = self.start.numel() * self.start.element_size()
+        total = sum(t.numel() * t.element_size() for t in (self.start, self.arrivals))
         for layer in self.layers:
             for t in (*layer.mlstm, layer.ring_k, layer.ring_v, layer.ring_pos, layer.sink_k, layer.sink_v, layer.sink_pos):
                 total += t.numel() * t.element_size()

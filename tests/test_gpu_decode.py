@@ -144,11 +144,13 @@ def test_kernel_refuses_a_bad_launch_or_rope(launch):
     step = lambda **kw: fused_decode_step(  # noqa: E731
         z(1, 70), z(1, 32), z(1, 16), kw.get("rope", (z(8), 1.0, torch.float32)), z(1), z(1), (z(1), z(1), z(1)),
         *fmaps, ring, sinks, mixer="hybrid", fmap_after_rope=False, eps=1e-6, launch=kw.get("launch"),
-        split=kw.get("split"))
+        split=kw.get("split"), arrivals=kw.get("arrivals"))
     with pytest.raises(ValueError, match="powers of two"):
         step(launch=launch)
     with pytest.raises(ValueError, match="split=3"):
         step(split=3)
+    with pytest.raises(ValueError, match="arrivals must be"):  # B·H = 2 counters, int32
+        step(split=2, arrivals=z(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="RoPE"):
         step(rope=(z(16), 1.0, torch.float32))  # inv_freq is D/2 wide
 
