@@ -4,7 +4,8 @@
 #   benchmarks/gpu_kernels.sh tests      # GPU-marked tests: kernels vs the PyTorch reference (8 workers),
 #                                        # except those that autotune (143 passed in 167 s on 2026-12-02):
 #   benchmarks/gpu_kernels.sh autotune   # those alone (SWA in fp32 now at D=64: ~2 min of compiling)
-#   benchmarks/gpu_kernels.sh launches   # the fused decode step's launch shapes (100 s)
+#   benchmarks/gpu_kernels.sh launches   # the fused decode step's launch shapes, unsplit (100 s) and split
+#                                        # over 1-8 window programs a head (about as many launches again)
 #   benchmarks/gpu_kernels.sh floor      # B=1 step floor: persistent kernel vs a graph of launches
 #   benchmarks/gpu_kernels.sh kernels    # mLSTM and SWA kernels vs FLA / mlstm_kernels / Flex / SDPA (>7.5 min:
 #                                        # PARTS=ours,fla SHAPES="8,9,8192,64 1,9,65536,64" splits it)
@@ -35,7 +36,7 @@ case ${1:-} in
       tests/test_kernels_swa.py tests/test_gpu_decode.py tests/test_gpu_student.py tests/test_gpu_evals.py 2>&1 \
       | tee "$OUT_DIR/gpu-$1.txt" ;;
   launches)
-    python3 benchmarks/decode_step_launch.py --out "$OUT_DIR/decode_step_launch.json" 2>&1 \
+    python3 benchmarks/decode_step_launch.py --splits 1,2,4,8 --out "$OUT_DIR/decode_step_launch.json" 2>&1 \
       | tee "$OUT_DIR/decode_step_launch.log" ;;
   floor)
     timeout "${FLOOR_TIMEOUT_S:-120}" python3 benchmarks/decode_floor.py --hbm-tb-s "$HBM_TB_S" \
