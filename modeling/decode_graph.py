@@ -70,7 +70,7 @@ def fused_step_takes(model, x: torch.Tensor) -> bool:
 
 
 def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
-    """Per layer, the packed q/k/v/igate/fgate, o, gate/up and down projections in ``dtype``.
+    """Per layer, the packed q/k/v/igate/fgate/output-gate input, o, gate/up and down projections in ``dtype``.
 
     Memory: a second copy of the q/k/v/gates and gate/up weights, (N + 2I)·d elements of ``dtype`` per
     layer (SmolLM2-135M in bf16: 34 MB and 106 MB, beside its ~270 MB of weights); o and down are the
@@ -81,7 +81,7 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         return linear.weight.detach().to(dtype), bias
 
-    def bias(linear) -> torch.Tensor:
+    def bias_or_zeros(linear) -> torch.Tensor:
         return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
     packed = []
@@ -90,10 +90,10 @@ def pack_projections(model, dtype: torch.dtype) -> list[PackedLayer]:
         raw = (attn.q_proj, attn.k_proj, attn.v_proj)
         og_w = attn.ogate.weight.detach().double()
         og_rows = og_w @ torch.cat([p.weight.detach() for p in raw]).double()
-        og_bias = og_w @ torch.cat([bias(p) for p in raw]).double() + bias(attn.ogate).double()
+        og_bias = og_w @ torch.cat([bias_or_zeros(p) for p in raw]).double() + bias_or_zeros(attn.ogate).double()
         parts = (*raw, attn.igate, attn.fgate)
         qkv = torch.cat([*(p.weight.detach().to(dtype) for p in parts), og_rows.to(dtype)])
-        qkv_bias = torch.cat([*(bias(p).to(dtype) for p in parts), og_bias.to(dtype)])
+        qkv_bias = torch.cat([*(bias_or_zeros(p).to(dtype) for p in parts), og_bias.to(dtype)])
         mlp_bias = None
         if mlp.gate_proj.bias is not None:
             mlp_bias = torch.cat([mlp.gate_proj.bias.detach(), mlp.up_proj.bias.detach()]).to(dtype)
