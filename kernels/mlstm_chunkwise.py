@@ -11,9 +11,10 @@ per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass ov
 carries the stabiliser and materialises the state at every chunk start, then one program per
 few consecutive chunks for their outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel),
 a reverse pass for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
-With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes walk
-chunks of SUPER_CHUNK tokens and one program per such chunk then fills in the finer chunks' states (or
-state gradients) between: 4× (L = 64) to 16× (L = 16) fewer dependent steps, for two more launches each way.
+With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes become a
+chunk-parallel scan over segments of SUPER_CHUNK tokens: each segment builds its own state (or state
+gradient) from zero, one program per segment; a scan over segments composes them, which is elementwise once
+the stabiliser is known, U segments a step; then each segment fills in its chunks from its start.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route
@@ -105,16 +106,16 @@ CHUNK_BWD_CONFIGS = [
 ]
 _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
-# With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes walk chunks of SUPER_CHUNK tokens,
-# then fill in the finer chunks in parallel (0: one level). Measured on an H200 (bf16, D = 64,
+# With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes run as a scan over segments of
+# SUPER_CHUNK tokens (0: one level, sequential over chunks). Measured on an H200 (bf16, D = 64,
 # benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
-# with one level; at B·NH = 72 × 8K, where the heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
+# with one level (a sequential pass over coarse chunks then, before the scan); at B·NH = 72 × 8K, where the
+# heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
 SUPER_CHUNK = 256
 TWO_LEVEL_MAX_HEADS = 16
-# The coarse reverse pass (L = SUPER_CHUNK) tunes over its own candidates, without 64 × 64 blocks over 4 warps:
-# with ∂L/∂n on the tensor cores at L = 256 those gave gradients 3e-3 off the row-sum pass's at 16K and an
-# illegal address at 64K on an H200 (Triton 3.6.0); the other six agree within 1.2e-5 (RESULTS-kernels.md run 5).
-COARSE_BWD_CONFIGS = [c for c in STATE_CONFIGS if not (c.kwargs["BK"] == c.kwargs["BV"] == 64 and c.num_warps == 4)]
+# The scan over segments: SCAN_GROUP segments a step (one (U, U) product), SCAN_BLOCK state values a program.
+SCAN_GROUP = 16
+SCAN_BLOCK = 64
 
 
 @triton.jit
@@ -144,13 +145,13 @@ def _fwd_gates(
     tl.store(M + i_bh * NC + c, M_c)
 
 
-@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=[*TUNING_KEY, "STORE_CHUNKS"], prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _fwd_states(
     k, v, b, wk, M, C0, n0, m0, Cs, ns, ms, C_last, n_last, m_last,
     S, S_pad, NC, REP, NSEG, SEG, INIT_STRIDE, BH_LOG2, NC_LOG2,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_CHUNKS: tl.constexpr, STORE_FINAL: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """State (C, n, m) at every chunk start. Grid (DK/BK, DV/BV, B*NH*NSEG).
 
@@ -160,7 +161,9 @@ def _fwd_states(
 
     Segment ``seg`` of a head runs chunks seg·SEG .. min(NC, (seg+1)·SEG) from row i_bh·INIT_STRIDE + seg
     of (C0, n0, m0): one segment is the whole sequence from its initial state; several fill in the chunk
-    states between those a pass over coarser chunks stored. STORE_FINAL: the state after chunk NC.
+    states between the segment starts _fwd_scan stored. STORE_FINAL: the state after chunk NC. Without
+    STORE_CHUNKS (a segment's own state, built from the empty one for _fwd_scan) only the state after the
+    segment, to flat row pid [C | n] of C_last and m_last.
     """
     i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh, seg = pid // NSEG, pid % NSEG
@@ -186,12 +189,13 @@ def _fwd_states(
     M_n = tl.load(M + i_bh * NC + first)
     b_n = tl.load(b + i_bh * S_pad + first * L + L - 1)
     for c in range(first, last):
-        st = i_bh * (NC + 1) + c
-        tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
-        if i_v == 0:
-            tl.store(ns + st * DK + o_k, tl.max(n16, 1))
-            if i_k == 0:
-                tl.store(ms + st, m)
+        if STORE_CHUNKS:
+            st = i_bh * (NC + 1) + c
+            tl.store(Cs + (st * DK + o_k[:, None]) * DV + o_v[None, :], C.to(Cs.dtype.element_ty))
+            if i_v == 0:
+                tl.store(ns + st * DK + o_k, tl.max(n16, 1))
+                if i_k == 0:
+                    tl.store(ms + st, m)
         t = c * L + o_t
         in_seq = t < S
         wc, M_c, b_last = wc_n, M_n, b_n
@@ -210,7 +214,14 @@ def _fwd_states(
         n16 = n16 * g + s * tl.dot(kwt, ones, input_precision=PREC)
         m = m_next
     n = tl.max(n16, 1)
-    if STORE_FINAL:
+    if not STORE_CHUNKS:
+        row = C_last + pid * (DK * DV + DK)
+        tl.store(row + o_k[:, None] * DV + o_v[None, :], C)
+        if i_v == 0:
+            tl.store(row + DK * DV + o_k, n)
+            if i_k == 0:
+                tl.store(m_last + pid, m)
+    elif STORE_FINAL:
         tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
         if i_v == 0:
             tl.store(n_last + i_bh * DK + o_k, n)
@@ -218,6 +229,80 @@ def _fwd_states(
             if i_k == 0:
                 tl.store(ms + i_bh * (NC + 1) + NC, m)
                 tl.store(m_last + i_bh, m)
+
+
+@triton.jit
+def _segment_decay(b, i_bh, j, live, NC, S_pad, R, L: tl.constexpr, RP: tl.constexpr):
+    """(U,) summed log forget gates of segments j (R chunks each: the sum of their b_last), 0 where not live."""
+    c = j[:, None] * R + tl.arange(0, RP)[None, :]
+    mask = live[:, None] & (tl.arange(0, RP)[None, :] < R) & (c < NC)
+    return tl.sum(tl.load(b + i_bh * S_pad + c * L + L - 1, mask=mask, other=0.0), 1)
+
+
+@triton.jit
+def _split_load(C, n, row, o, mask, DK: tl.constexpr, DV: tl.constexpr):
+    """Flat state values o of [C | n] (DK·DV, then DK) at row ``row`` of C and n kept apart, as fp32."""
+    c_part = tl.load(C + row * DK * DV + o, mask=mask & (o < DK * DV), other=0.0).to(tl.float32)
+    return c_part + tl.load(n + row * DK + o - DK * DV, mask=mask & (o >= DK * DV), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _split_store(C, n, row, o, x, mask, DK: tl.constexpr, DV: tl.constexpr):
+    """_split_load's inverse: x (flat values o of [C | n]) to row ``row`` of C and n, in their dtypes."""
+    tl.store(C + row * DK * DV + o, x.to(C.dtype.element_ty), mask=mask & (o < DK * DV))
+    tl.store(n + row * DK + o - DK * DV, x.to(n.dtype.element_ty), mask=mask & (o >= DK * DV))
+
+
+@triton.jit
+def _fwd_scan(
+    loc, m_loc, C0, n0, m0, b, Cs, ns, ms, C_last, n_last, m_last, NC, NC2, S_pad, R,
+    HAS_INIT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, RP: tl.constexpr,
+    U: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The state at every segment start (rows i_bh·NC2 + j of Cs, ns, ms) and after the last (C_last,
+    n_last, m_last) from each segment's own state (flat rows [C | n] of loc and m_loc: what its chunks
+    build from the empty state). Per segment j, B_j its summed log forget gates:
+    m' = max(B_j + m, m_loc_j), x' = exp(B_j + m - m') x + exp(m_loc_j - m') loc_j for x = C, n.
+    Linear in x once m is known, so U segments make one (U, U) product: after segment j of a group, with P
+    the group's cumsum of B, x = Σ_{i<=j} exp(P_j - P_i + m_loc_i - m'_j) loc_i + exp(P_j + m - m'_j) x
+    and m'_j the max of those exponents. Grid (cdiv(DK·DV + DK, BLOCK), B·NH).
+    """
+    blk, i_bh = tl.program_id(0), tl.program_id(1)
+    o = blk * BLOCK + tl.arange(0, BLOCK)
+    in_row = o < DK * DV + DK
+    o_u = tl.arange(0, U)
+    upto = o_u[None, :] <= o_u[:, None]  # [j, i]: i <= j
+    if HAS_INIT:
+        x = _split_load(C0, n0, i_bh, o, in_row, DK, DV)
+        m = tl.load(m0 + i_bh)
+    else:
+        x = tl.zeros([BLOCK], dtype=tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
+    for g0 in range(0, NC2, U):
+        j = g0 + o_u
+        live = j < NC2  # past NC2: B = 0 and no own state, the state passes through unchanged
+        P = tl.cumsum(_segment_decay(b, i_bh, j, live, NC, S_pad, R, L, RP), 0)
+        lw = tl.where(upto, P[:, None] - P[None, :] + tl.load(m_loc + i_bh * NC2 + j, mask=live,
+                                                               other=float("-inf"))[None, :], float("-inf"))
+        lw0 = P + m
+        m_next = tl.maximum(tl.max(lw, 1), lw0)
+        m_ref = _safe(m_next)
+        own = tl.load(loc + (i_bh * NC2 + j[:, None]) * (DK * DV + DK) + o[None, :],
+                      mask=live[:, None] & in_row[None, :], other=0.0)
+        y = tl.dot(tl.exp(lw - m_ref[:, None]), own, input_precision="ieee")
+        y += tl.exp(lw0 - m_ref)[:, None] * x[None, :]
+        # rows g0 (the carried state) and j + 1 for all but the group's last (the next group's row g0)
+        _split_store(Cs, ns, i_bh * NC2 + g0, o, x, in_row, DK, DV)
+        after = (o_u < U - 1) & (j + 1 < NC2)
+        _split_store(Cs, ns, i_bh * NC2 + j[:, None] + 1, o[None, :], y, after[:, None] & in_row[None, :], DK, DV)
+        if blk == 0:
+            tl.store(ms + i_bh * NC2 + g0, m)
+            tl.store(ms + i_bh * NC2 + j + 1, m_next, mask=after)
+        x = tl.sum(tl.where((o_u == U - 1)[:, None], y, 0.0), 0)
+        m = tl.max(tl.where(o_u == U - 1, m_next, float("-inf")), 0)
+    _split_store(C_last, n_last, i_bh, o, x, in_row, DK, DV)
+    if blk == 0:
+        tl.store(m_last + i_bh, m)
 
 
 @triton.jit
@@ -322,7 +407,7 @@ def _bwd_prep(
 
 @triton.jit
 def _coarse_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
-    """The chain dm_c = D_c + A_c · dm_{c+1} over the R chunks of one coarse chunk, composed into one step
+    """The chain dm_c = D_c + A_c · dm_{c+1} over the R chunks of one segment, composed into one step
     dm_start = D2 + A2 · dm_end (A is 0 or 1, so dm_start = Σ_j D_j Π_{i<j} A_i + Π A · dm_end).
     Grid (NC2, B*NH)."""
     c2, i_bh = tl.program_id(0), tl.program_id(1)
@@ -336,43 +421,42 @@ def _coarse_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
 
 
 @triton.jit
-def _rev_gates(b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L: tl.constexpr):
+def _rev_gates(b, ms, m_t, den, dqn, D, A, c, i_bh, o_t, S, S_pad, NC, L: tl.constexpr):
     """What the reverse pass reads of chunk c besides q and dh: b, m_t, den, ∂L/∂(qᵀn) per position; the
     stabilisers at its start and end, b_last, and D_c, A_c of the ∂L/∂m chain (see _bwd_states)."""
     t = c * L + o_t
     in_seq = t < S
-    m_row = ms + i_bh * (NCF + 1)
+    m_row = ms + i_bh * (NC + 1)
     return (
-        tl.load(b + i_bh * S_pad_b + t),
+        tl.load(b + i_bh * S_pad + t),
         tl.load(m_t + i_bh * S_pad + t, mask=in_seq, other=0.0),
         tl.load(den + i_bh * S_pad + t, mask=in_seq, other=1.0),
         tl.load(dqn + i_bh * S_pad + t, mask=in_seq, other=0.0),
-        tl.load(m_row + tl.minimum(c * MS_STRIDE, NCF)),
-        _safe(tl.load(m_row + tl.minimum((c + 1) * MS_STRIDE, NCF))),
-        tl.load(b + i_bh * S_pad_b + c * L + L - 1),
+        tl.load(m_row + c),
+        _safe(tl.load(m_row + c + 1)),
+        tl.load(b + i_bh * S_pad + c * L + L - 1),
         tl.load(D + i_bh * NC + c),
         tl.load(A + i_bh * NC + c),
     )
 
 
-@triton.autotune(STATE_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
+@triton.autotune(STATE_CONFIGS, key=[*TUNING_KEY, "STORE_CHUNKS"], prune_configs_by=_PRUNE, cache_results=True)
 @triton.jit
 def _bwd_states(
     q, dh, b, ms, m_t, den, dqn, D, A, dC_end, dn_end, dm_end, dCs, dns, dms,
-    S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
-    HAS_END: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+    S, S_pad, NC, NSEG, SEG, END_STRIDE, BH_LOG2, NC_LOG2,
+    HAS_END: tl.constexpr, STORE_CHUNKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient w.r.t. the state (C, n, m) at every chunk start (reverse pass). Grid (DK/BK, DV/BV, B*NH*NSEG).
 
     dms[c] = ∂L/∂m_c through the stabiliser alone: D_c + A_c · dms[c+1].
 
-    Levels as in _fwd_states: chunks of L tokens with b (rows of S_pad_b) and D, A of that level; the
-    stabiliser at chunk c's start is ms[min(c·MS_STRIDE, NCF)] of the fine pass (ms: (B·NH, NCF + 1));
-    the per-position m_t, den, dqn have rows of S_pad. Segment ``seg`` of a head runs chunks
-    min(NC, (seg+1)·SEG) - 1 down to seg·SEG from row i_bh·END_STRIDE + seg + 1 of (dC_end, dn_end,
-    dm_end) (HAS_END; else zero: the final state carries no gradient) and stores the gradient at each
-    chunk's end, the first segment also at chunk 0.
+    Segments as in _fwd_states: segment ``seg`` of a head runs chunks min(NC, (seg+1)·SEG) - 1 down to
+    seg·SEG from row i_bh·END_STRIDE + seg + 1 of (dC_end, dn_end, dm_end) (HAS_END; else zero: the final
+    state carries no gradient) and stores the gradient at each chunk's end, the first segment also at
+    chunk 0. Without STORE_CHUNKS (a segment's own share, from a zero gradient at its end, for _bwd_scan)
+    only the gradient at the segment's start, to flat row pid [dC | dn] of dCs.
 
     As _fwd_states does, chunk c-1's gates (_rev_gates) load during chunk c, and ∂L/∂n is carried as 16
     equal columns updated by a tensor-core product instead of a cross-warp row sum: together 1.74× faster at
@@ -393,25 +477,24 @@ def _bwd_states(
     first = seg * SEG
     last = tl.minimum(first + SEG, NC)
     bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
-        b, ms, m_t, den, dqn, D, A, last - 1, i_bh, o_t, S, S_pad, S_pad_b, NC, NCF, MS_STRIDE, L,
+        b, ms, m_t, den, dqn, D, A, last - 1, i_bh, o_t, S, S_pad, NC, L,
     )
     for cc in range(first, last):
         c = first + last - 1 - cc
-        st = i_bh * (NC + 1) + c
-        tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
-        dn = tl.max(dn16, 1)
-        if i_v == 0:
-            tl.store(dns + (st + 1) * DK + o_k, dn)
-            if i_k == 0:
-                tl.store(dms + st + 1, dmc)
+        if STORE_CHUNKS:
+            st = i_bh * (NC + 1) + c
+            tl.store(dCs + ((st + 1) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
+            if i_v == 0:
+                tl.store(dns + (st + 1) * DK + o_k, tl.max(dn16, 1))
+                if i_k == 0:
+                    tl.store(dms + st + 1, dmc)
         t = c * L + o_t
         in_seq = t < S
         qc = tl.load(q + (i_bh * S + t[:, None]) * DK + o_k[None, :], mask=in_seq[:, None], other=0.0)
         dhc = tl.load(dh + (i_bh * S + t[:, None]) * DV + o_v[None, :], mask=in_seq[:, None], other=0.0)
         bc, mt, denc, dqnc, m_c, m_next, b_last, Dc, Ac = bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n
         bc_n, mt_n, den_n, dqn_n, mc_n, mnext_n, blast_n, D_n, A_n = _rev_gates(
-            b, ms, m_t, den, dqn, D, A, tl.maximum(c - 1, first), i_bh, o_t, S, S_pad, S_pad_b, NC, NCF,
-            MS_STRIDE, L,
+            b, ms, m_t, den, dqn, D, A, tl.maximum(c - 1, first), i_bh, o_t, S, S_pad, NC, L,
         )
         a = tl.exp(bc + m_c - mt)
         qat = tl.trans((qc.to(tl.float32) * a[:, None]).to(qc.dtype))
@@ -422,7 +505,12 @@ def _bwd_states(
         dn16 = dn16 * g + tl.dot(qat, dq16, input_precision=PREC)
         dmc = Dc + Ac * dmc
     dn = tl.max(dn16, 1)
-    if seg == 0:
+    if not STORE_CHUNKS:
+        row = dCs + pid * (DK * DV + DK)
+        tl.store(row + o_k[:, None] * DV + o_v[None, :], dC)
+        if i_v == 0:
+            tl.store(row + DK * DV + o_k, dn)
+    elif seg == 0:
         tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:
             tl.store(dns + (i_bh * (NC + 1)) * DK + o_k, dn)
@@ -430,10 +518,56 @@ def _bwd_states(
                 tl.store(dms + i_bh * (NC + 1), dmc)
 
 
-# the same pass over the coarse chunks of the two-level backward, tuned over its own candidates
-_bwd_states_coarse = triton.autotune(COARSE_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)(
-    _bwd_states.fn
-)
+@triton.jit
+def _bwd_scan(
+    loc, b, ms, D2, A2, dCs, dns, dms, NC, NC2, S_pad, R,
+    DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, RP: tl.constexpr, U: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradient w.r.t. the state at every segment start (rows i_bh·(NC2 + 1) + j of dCs, dns, dms; row
+    NC2, the end, zero) from each segment's own share (flat rows [dC | dn] of loc: what its chunks' queries
+    give with a zero gradient at its end). Going back, x_j = G_j x_{j+1} + loc_j with
+    G_j = exp(B_j + m_j - m_{j+1}), B_j the segment's summed log forget gates and m_j the forward's
+    stabiliser at its start (ms[j·R]): over a group, x_j = Σ_{i>=j} exp(Q_j - Q_i) loc_i + exp(Q_j - Q_end)
+    x_end with Q_j = m_j - (B summed over the group's segments before j); a segment starting with no mass
+    (m_j = -inf) passes nothing back. ∂L/∂m: dms_j = D2_j + A2_j · dms_{j+1} with A2 in {0, 1}, i.e. the
+    sum of D2_i over i >= j up to the first A2_i = 0 (Z, the zeros of A2 from j on, is unchanged to there),
+    plus dms_end if there is none. Grid (cdiv(DK·DV + DK, BLOCK), B·NH).
+    """
+    blk, i_bh = tl.program_id(0), tl.program_id(1)
+    o = blk * BLOCK + tl.arange(0, BLOCK)
+    in_row = o < DK * DV + DK
+    o_u = tl.arange(0, U)
+    diag = o_u[None, :] == o_u[:, None]
+    later = o_u[None, :] > o_u[:, None]  # [j, i]: i > j
+    m_row = ms + i_bh * (NC + 1)
+    top = i_bh * (NC2 + 1)
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    dm = tl.zeros([], dtype=tl.float32)
+    _split_store(dCs, dns, top + NC2, o, x, in_row, DK, DV)
+    if blk == 0:
+        tl.store(dms + top + NC2, dm)
+    for gi in range(0, tl.cdiv(NC2, U)):
+        g0 = NC2 - (gi + 1) * U
+        j = g0 + o_u
+        live = j >= 0  # before segment 0: no own share, and rows never stored
+        B = _segment_decay(b, i_bh, j, live, NC, S_pad, R, L, RP)
+        Q = tl.load(m_row + j * R, mask=live, other=float("-inf")) - (tl.cumsum(B, 0) - B)
+        Q_end = tl.load(m_row + tl.minimum((g0 + U) * R, NC)) - tl.sum(B, 0)
+        has_mass = (Q > float("-inf"))[:, None]
+        W = tl.where(diag, 1.0, tl.where(later & has_mass, tl.exp(Q[:, None] - Q[None, :]), 0.0))
+        own = tl.load(loc + (i_bh * NC2 + j[:, None]) * (DK * DV + DK) + o[None, :],
+                      mask=live[:, None] & in_row[None, :], other=0.0)
+        y = tl.dot(W, own, input_precision="ieee")
+        y += tl.where(Q > float("-inf"), tl.exp(Q - Q_end), 0.0)[:, None] * x[None, :]
+        _split_store(dCs, dns, top + j[:, None], o[None, :], y, live[:, None] & in_row[None, :], DK, DV)
+        Z = tl.cumsum(1.0 - tl.load(A2 + i_bh * NC2 + j, mask=live, other=1.0), 0, reverse=True)
+        chain = (later | diag) & (Z[None, :] == Z[:, None])
+        D2j = tl.load(D2 + i_bh * NC2 + j, mask=live, other=0.0)
+        dmj = tl.sum(tl.where(chain, D2j[None, :], 0.0), 1) + tl.where(Z == 0.0, dm, 0.0)
+        if blk == 0:
+            tl.store(dms + top + j, dmj, mask=live)
+        x = tl.sum(tl.where((o_u == 0)[:, None], y, 0.0), 0)
+        dm = tl.sum(tl.where(o_u == 0, dmj, 0.0), 0)
 
 
 @triton.autotune(CHUNK_BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=_PRUNE, cache_results=True)
@@ -526,14 +660,7 @@ def _bwd_chunk(
     tl.store(df + i_bh * S + t, dfc.to(df.dtype.element_ty), mask=in_seq)
 
 
-TUNED = {
-    _fwd_states: STATE_CONFIGS, _fwd_out: OUT_CONFIGS, _bwd_states: STATE_CONFIGS,
-    _bwd_states_coarse: COARSE_BWD_CONFIGS, _bwd_chunk: CHUNK_BWD_CONFIGS,
-}
-
-
-def _tuned_name(kernel) -> str:
-    return "_bwd_states_coarse" if kernel is _bwd_states_coarse else kernel.base_fn.__name__
+TUNED = {_fwd_states: STATE_CONFIGS, _fwd_out: OUT_CONFIGS, _bwd_states: STATE_CONFIGS, _bwd_chunk: CHUNK_BWD_CONFIGS}
 
 
 @contextmanager
@@ -545,7 +672,7 @@ def pinned_launches(index: int, DK: int, DV: int):
         for kernel, candidates in TUNED.items():
             fitted = _fit_blocks(candidates, {}, DK=DK, DV=DV)
             kernel.configs = [fitted[index % len(fitted)]]
-        yield {_tuned_name(kernel): kernel.configs[0] for kernel in TUNED}
+        yield {kernel.base_fn.__name__: kernel.configs[0] for kernel in TUNED}
     finally:
         for kernel, kept in saved.items():
             kernel.configs = kept
@@ -562,7 +689,7 @@ def _gates(i_pre, f_pre, NH: int, S: int, L: int):
 
 
 def _coarse_ratio(batch_heads: int, L: int) -> int:
-    """Chunks per coarse chunk of the two-level state passes; 1: one level."""
+    """Chunks per segment of the two-level state passes; 1: one level."""
     return max(1, SUPER_CHUNK // L) if batch_heads <= TWO_LEVEL_MAX_HEADS else 1
 
 
@@ -621,29 +748,33 @@ class _MLSTMChunkwise(torch.autograd.Function):
         consts = dict(DK=DK, DV=DV, PREC=prec)
         R = _coarse_ratio(BH, L)
         if NC > R > 1:
-            # the sequential pass walks chunks of R·L, R times fewer steps; one program per coarse chunk
-            # then fills in the states between. Max-plus composition is associative, so the fine m
-            # sequence equals the single-level one up to rounding where segments meet (the backward's
-            # stabiliser routing compares with M, not with the stored m, for that reason)
+            # each segment of R chunks builds its own state from the empty one, a scan over segments composes
+            # them, then each fills in its chunk states from its start state. Max-plus composition is
+            # associative, so the m sequence equals the one-level one up to rounding where segments meet
             NC2 = triton.cdiv(NC, R)
-            _, b2, wk2, M2 = _gates(i_pre, f_pre, NH, S, R * L)
-            Cs2 = torch.empty(BH, NC2 + 1, DK, DV, device=dev, dtype=q.dtype)
-            ns2 = torch.empty(BH, NC2 + 1, DK, device=dev, dtype=f32)
-            ms2 = torch.empty(BH, NC2 + 1, device=dev, dtype=f32)
-            _fwd_states[_state_grid(DK, DV, BH)](
-                k, v, b2, wk2, M2, C0c, n0c, m0c, Cs2, ns2, ms2, *final, S, NC2 * R * L, NC2, REP, 1, NC2, 1,
-                *_size_buckets(BH, NC2), HAS_INIT=has_init, STORE_FINAL=True, L=R * L, **consts,
+            loc = torch.empty(BH * NC2, DK * DV + DK, device=dev, dtype=f32)
+            m_loc = torch.empty(BH * NC2, device=dev, dtype=f32)
+            _fwd_states[_state_grid(DK, DV, BH * NC2)](
+                k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, loc, loc, m_loc, S, S_pad, NC, REP, NC2, R, 0,
+                *_size_buckets(BH * NC2, R), HAS_INIT=False, STORE_CHUNKS=False, STORE_FINAL=False, L=L, **consts,
+            )
+            Cs2 = torch.empty(BH, NC2, DK, DV, device=dev, dtype=q.dtype)
+            ns2 = torch.empty(BH, NC2, DK, device=dev, dtype=f32)
+            ms2 = torch.empty(BH, NC2, device=dev, dtype=f32)
+            _fwd_scan[(triton.cdiv(DK * DV + DK, SCAN_BLOCK), BH)](
+                loc, m_loc, C0c, n0c, m0c, b, Cs2, ns2, ms2, *final, NC, NC2, S_pad, R, HAS_INIT=has_init,
+                DK=DK, DV=DV, L=L, RP=triton.next_power_of_2(R), U=SCAN_GROUP, BLOCK=SCAN_BLOCK,
             )
             _fwd_states[_state_grid(DK, DV, BH * NC2)](
-                k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2 + 1,
-                *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_FINAL=False, L=L, **consts,
+                k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2,
+                *_size_buckets(BH * NC2, R), HAS_INIT=True, STORE_CHUNKS=True, STORE_FINAL=False, L=L, **consts,
             )
             if not forward_only:
                 ms[:, NC] = m_last.view(BH)  # the backward reads m after the last chunk
         else:
             _fwd_states[_state_grid(DK, DV, BH)](
                 k, v, b, wk, M, C0c, n0c, m0c, Cs, ns, ms, *final, S, S_pad, NC, REP, 1, NC, 1,
-                *_size_buckets(BH, NC), HAS_INIT=has_init, STORE_FINAL=True, L=L, **consts,
+                *_size_buckets(BH, NC), HAS_INIT=has_init, STORE_CHUNKS=True, STORE_FINAL=True, L=L, **consts,
             )
         buckets = _size_buckets(BH, NC)
         h = torch.empty(B, NH, S, DV, device=dev, dtype=v.dtype)
@@ -681,29 +812,33 @@ class _MLSTMChunkwise(torch.autograd.Function):
         consts = dict(DK=DK, DV=DV, PREC=prec)
         R = _coarse_ratio(BH, L)
         if NC > R > 1:
-            # as the forward: the reverse pass over chunks of R·L (their b recomputed, their m read from the
-            # fine pass's every R-th), then one program per coarse chunk fills in the fine gradients
+            # as the forward: each segment's own share of the gradient at its start, a scan back over segments
+            # (the stabilisers are known: linear throughout), then each segment fills in its chunks
             NC2 = triton.cdiv(NC, R)
-            _, b2, _, _ = _gates(i_pre, f_pre, NH, S, R * L)
             D2 = torch.empty(BH, NC2, device=q.device, dtype=torch.float32)
             A2 = torch.empty_like(D2)
             _coarse_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
+            loc = torch.empty(BH * NC2, DK * DV + DK, device=q.device, dtype=torch.float32)
+            _bwd_states[_state_grid(DK, DV, BH * NC2)](
+                q, dh, b, ms, m_t, den, dqn, D, A, loc, loc, loc, loc, loc, loc,
+                S, S_pad, NC, NC2, R, 0, *_size_buckets(BH * NC2, R), HAS_END=False, STORE_CHUNKS=False, L=L,
+                **consts,
+            )
             dCs2 = torch.empty(BH, NC2 + 1, DK, DV, device=q.device, dtype=torch.float32)
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
-            _bwd_states_coarse[_state_grid(DK, DV, BH)](
-                q, dh, b2, ms, m_t, den, dqn, D2, A2, dCs2, dns2, dms2, dCs2, dns2, dms2,
-                S, S_pad, NC2 * R * L, NC2, NC, R, 1, NC2, 1, *_size_buckets(BH, NC2), HAS_END=False, L=R * L,
-                **consts,
+            _bwd_scan[(triton.cdiv(DK * DV + DK, SCAN_BLOCK), BH)](
+                loc, b, ms, D2, A2, dCs2, dns2, dms2, NC, NC2, S_pad, R,
+                DK=DK, DV=DV, L=L, RP=triton.next_power_of_2(R), U=SCAN_GROUP, BLOCK=SCAN_BLOCK,
             )
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, L=L,
+                S, S_pad, NC, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, STORE_CHUNKS=True, L=L,
                 **consts,
             )
         else:
             _bwd_states[_state_grid(DK, DV, BH)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs, dns, dms, dCs, dns, dms,
-                S, S_pad, S_pad, NC, NC, 1, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, L=L, **consts,
+                S, S_pad, NC, 1, NC, 1, *_size_buckets(BH, NC), HAS_END=False, STORE_CHUNKS=True, L=L, **consts,
             )
         buckets = _size_buckets(BH, NC)
         dq = torch.empty_like(q)

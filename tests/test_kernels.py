@@ -114,8 +114,8 @@ def test_mlstm_state_passing_prefill_then_decode(S, cut):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("S,L", [(300, 64), (333, 16), (1000, 64)])
 def test_mlstm_two_level_pass_matches_oracle(dtype, S, L):
-    """Past SUPER_CHUNK tokens the state pass walks chunks of SUPER_CHUNK tokens, then one program per coarse
-    chunk fills in the finer chunk states: h and the final state against the fp64 oracle; grouped heads,
+    """Past SUPER_CHUNK tokens the state pass is a scan over segments of SUPER_CHUNK tokens (each segment's own
+    state, composed, then filled in per chunk): h and the final state against the fp64 oracle; grouped heads,
     an initial state, ragged tails at both levels."""
     B, NH, NKV, D = 1, 4, 2, 64
     assert -(-S // L) > mk.SUPER_CHUNK // L  # more fine chunks than one coarse chunk holds
@@ -152,6 +152,35 @@ def test_mlstm_two_level_pass_gradients_match_oracle(dtype, i_scale, sharpness):
     (h_ref * dh).sum().backward()
     errs = {"h": rel_err(h, h_ref)}
     errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(["q", "k", "v", "i", "f"], xs, refs)}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype,init", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_mlstm_segment_scan_over_several_groups(monkeypatch, dtype, init):
+    """Segments of two chunks: 35 segments, so the scan composes three groups of SCAN_GROUP (the last ragged)
+    and carries state and gradient across; the first 100 tokens padded (ĩ = -inf): without an initial state
+    the first segments hold no mass (a -inf stabiliser into the scan). Everything against the fp64 oracle."""
+    B, NH, S, D, L = 1, 2, 1100, 32, 16
+    monkeypatch.setattr(mk, "SUPER_CHUNK", 2 * L)
+    assert 2 * mk.SCAN_GROUP < -(-S // (2 * L)) < 3 * mk.SCAN_GROUP
+    q, k, v, i_pre, f_pre = mlstm_inputs(B, NH, S, D, D, dtype, seed=41)
+    i_pre[..., :100] = float("-inf")
+    state = []
+    if init:
+        g = torch.Generator(device="cuda").manual_seed(42)
+        state = leaves([torch.rand(B, NH, D, D, device="cuda", generator=g),
+                        torch.rand(B, NH, D, device="cuda", generator=g),
+                        torch.randn(B, NH, device="cuda", generator=g) + 2.0])
+    xs = leaves([q, k, v, i_pre, f_pre])
+    refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
+    h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state) or None, chunk_size=L)
+    h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(*refs, state=tuple(state_ref) or None, chunk_size=L)
+    dh = torch.randn_like(h_ref)
+    (h.double() * dh).sum().backward()
+    (h_ref * dh).sum().backward()
+    names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+    errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
+    errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs + state, refs + state_ref)}
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
@@ -238,24 +267,13 @@ def test_mlstm_stabiliser_gradient_through_the_chunk_chain_and_initial_state():
     assert all(e < TOL[torch.float32] for e in errs.values()), errs
 
 
-def state_pass_fits(config, L: int, dtype: torch.dtype) -> bool:
-    """Whether a state-pass candidate's pipelined tiles surely fit in shared memory: num_stages copies of
-    the (L, BK) and (L, BV) input tiles. On an H200 this predicted exactly which candidates ran out of
-    shared memory at 256-token chunks while the coarse reverse pass did not prefetch its gates (8 of 8 in
-    fp32, 8 of 8 in bf16); with the prefetch, two candidates it rejects run (one per dtype)."""
-    limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
-    blocks = config.kwargs["BK"] + config.kwargs["BV"]
-    return config.num_stages * L * blocks * torch.finfo(dtype).bits // 8 <= limit
-
-
-# 4 chunks; 19 chunks: both state passes at two levels (R = 16), the coarse ones over 256-token chunks
+# 4 chunks; 19 chunks: both state passes at two levels (R = 16: a scan over two segments)
 @pytest.mark.parametrize("S,dtype", [(53, torch.float32), (300, torch.float32), (300, torch.bfloat16)])
 @pytest.mark.parametrize("index", range(max(len(configs) for configs in mk.TUNED.values())))
 def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     """Candidate ``index`` of every autotuned kernel (shorter lists wrap around), pinned: outputs and all
-    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state. A candidate may fail
-    with OutOfResources (autotuning skips it) only where ``state_pass_fits`` leaves its coarse state
-    passes in doubt. DK=64, DV=128 keep every candidate's blocks unclipped."""
+    gradients against the fp64 oracle; a ragged tail, grouped heads, initial state. DK=64, DV=128 keep
+    every candidate's blocks unclipped."""
     B, NH, NKV, DK, DV, L = 1, 4, 2, 64, 128, 16
     q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, DK, DV, dtype, seed=16)
     _, k, v, _, _ = mlstm_inputs(B, NKV, S, DK, DV, dtype, seed=17)
@@ -268,15 +286,9 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
     xs = leaves([q, k, v, i_pre, f_pre])
     refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
     assert all(len(mk._fit_blocks(c, {}, DK=DK, DV=DV)) == len(c) for c in mk.TUNED.values())
-    coarse = [configs[index % len(configs)] for configs in (mk.STATE_CONFIGS, mk.COARSE_BWD_CONFIGS)]
-    fits = -(-S // L) <= mk.SUPER_CHUNK // L or all(state_pass_fits(c, mk.SUPER_CHUNK, dtype) for c in coarse)
     with mk.pinned_launches(index, DK, DV) as configs:
-        try:
-            h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
-            h.sum().backward(retain_graph=True)  # the reverse passes compile here: every kernel ran once
-        except triton.runtime.errors.OutOfResources:
-            assert not fits, configs
-            return
+        h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)
+        h.sum().backward(retain_graph=True)  # the reverse passes compile here: every kernel ran once
         for x in xs + state:
             x.grad = None
         with torch.no_grad():  # forward only: the output pass without the backward's stats, the same h
@@ -303,15 +315,14 @@ def test_mlstm_tuning_key_buckets_batch_heads_and_chunk_count():
     def run(B, NH, S):
         mlstm_chunkwise_triton(*leaves(mlstm_inputs(B, NH, S, 32, 32, torch.float32)))[0].sum().backward()
 
-    one_level = [kernel for kernel in mk.TUNED if kernel is not mk._bwd_states_coarse]
-    for kernel in one_level:
+    for kernel in mk.TUNED:
         kernel.cache.clear()
     run(1, 2, 100)  # B·NH 2, 2 chunks of 64
-    assert [len(kernel.cache) for kernel in one_level] == [1] * 4
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
     run(1, 3, 150)  # B·NH 3, 3 chunks: the same buckets
-    assert [len(kernel.cache) for kernel in one_level] == [1] * 4
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
     run(1, 2, 250)  # 4 chunks: the next bucket (still one level: more than SUPER_CHUNK / 64 chunks take two)
-    assert [len(kernel.cache) for kernel in one_level] == [2] * 4
+    assert [len(kernel.cache) for kernel in mk.TUNED] == [2] * 4
 
 
 def test_mlstm_rejects_unsupported_head_dim():
