@@ -108,10 +108,10 @@ _PRUNE = {"early_config_prune": _fit_blocks}
 TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes run as a scan over segments of
 # SUPER_CHUNK tokens (0: one level, sequential over chunks). Measured on an H200 (bf16, D = 64,
-# benchmarks/RESULTS-kernels.md): at B·NH = 9 × 64K, forward 0.77 vs 1.22 ms and fw+bw 2.79 vs 3.13 ms
-# with one level (a sequential pass over coarse chunks then, before the scan); at B·NH = 72 × 8K, where the
-# heads alone keep the GPU busy, fw+bw 2.45 vs 1.53 ms.
-SUPER_CHUNK = 256
+# benchmarks/RESULTS-kernels.md run 8): at B·NH = 9 × 64K, fw+bw kernel time 896 µs with segments of 512
+# tokens (947 of 256, 897 of 1024) against 1,983 for the sequential pass over 256-token chunks this replaced;
+# at B·NH = 72 × 8K, where the heads alone keep the GPU busy, one level ran fw+bw 1.36 ms against 1.81.
+SUPER_CHUNK = 512
 TWO_LEVEL_MAX_HEADS = 16
 # The scan over segments: SCAN_GROUP segments a step (one (U, U) product), SCAN_BLOCK state values a program.
 SCAN_GROUP = 16
