@@ -65,6 +65,16 @@ def _state_row(C, n, m, row, o_k, o_v, DK: tl.constexpr, DV: tl.constexpr):
     return C_tile, tl.load(n + row * DK + o_k).to(tl.float32), tl.load(m + row).to(tl.float32)
 
 
+@triton.jit
+def _flat_row_store(rows, pid, o_k, o_v, C, n, i_v, DK: tl.constexpr, DV: tl.constexpr):
+    """A segment's own state or gradient for the scans: C's (BK, BV) block and, from the first DV block,
+    n's (BK,) to flat row pid [C | n] (DK·DV, then DK values) of rows."""
+    row = rows + pid * (DK * DV + DK)
+    tl.store(row + o_k[:, None] * DV + o_v[None, :], C)
+    if i_v == 0:
+        tl.store(row + DK * DV + o_k, n)
+
+
 def _fit_blocks(configs, named_args, **kwargs):
     """The candidates with blocks no wider than the head dims (DK, DV), duplicates dropped; other
     meta-parameters (CHUNKS) as they are."""
@@ -215,12 +225,9 @@ def _fwd_states(
         m = m_next
     n = tl.max(n16, 1)
     if not STORE_CHUNKS:
-        row = C_last + pid * (DK * DV + DK)
-        tl.store(row + o_k[:, None] * DV + o_v[None, :], C)
-        if i_v == 0:
-            tl.store(row + DK * DV + o_k, n)
-            if i_k == 0:
-                tl.store(m_last + pid, m)
+        _flat_row_store(C_last, pid, o_k, o_v, C, n, i_v, DK, DV)
+        if (i_v == 0) & (i_k == 0):
+            tl.store(m_last + pid, m)
     elif STORE_FINAL:
         tl.store(C_last + i_bh * DK * DV + o_k[:, None] * DV + o_v[None, :], C)
         if i_v == 0:
@@ -506,10 +513,7 @@ def _bwd_states(
         dmc = Dc + Ac * dmc
     dn = tl.max(dn16, 1)
     if not STORE_CHUNKS:
-        row = dCs + pid * (DK * DV + DK)
-        tl.store(row + o_k[:, None] * DV + o_v[None, :], dC)
-        if i_v == 0:
-            tl.store(row + DK * DV + o_k, dn)
+        _flat_row_store(dCs, pid, o_k, o_v, dC, dn, i_v, DK, DV)
     elif seg == 0:
         tl.store(dCs + ((i_bh * (NC + 1)) * DK + o_k[:, None]) * DV + o_v[None, :], dC.to(dCs.dtype.element_ty))
         if i_v == 0:

@@ -44,6 +44,17 @@ def leaves(xs, dtype=None):
     return [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in xs]
 
 
+def errors_against_oracle(h, final, h_ref, final_ref, xs, refs) -> dict[str, float]:
+    """Relative errors of h, the final state (C, n, m) and, after one backward of the same random dh
+    through both, of the gradients of the leaves xs against refs (q, k, v, i, f[, C0, n0, m0])."""
+    dh = torch.randn_like(h_ref)
+    (h.double() * dh).sum().backward()
+    (h_ref * dh).sum().backward()
+    errs = {name: rel_err(x, r) for name, x, r in zip(["h", "C", "n", "m"], (h, *final), (h_ref, *final_ref))}
+    names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+    return errs | {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs, refs)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B,NH,S,DK,DV,L",
@@ -173,14 +184,9 @@ def test_mlstm_segment_scan_over_several_groups(monkeypatch, dtype, init):
                         torch.randn(B, NH, device="cuda", generator=g) + 2.0])
     xs = leaves([q, k, v, i_pre, f_pre])
     refs, state_ref = leaves(xs, torch.float64), leaves(state, torch.float64)
-    h, (C, n, m) = mlstm_chunkwise_triton(*xs, state=tuple(state) or None, chunk_size=L)
-    h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(*refs, state=tuple(state_ref) or None, chunk_size=L)
-    dh = torch.randn_like(h_ref)
-    (h.double() * dh).sum().backward()
-    (h_ref * dh).sum().backward()
-    names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
-    errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
-    errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs + state, refs + state_ref)}
+    h, final = mlstm_chunkwise_triton(*xs, state=tuple(state) or None, chunk_size=L)
+    h_ref, final_ref = mlstm_chunkwise(*refs, state=tuple(state_ref) or None, chunk_size=L)
+    errs = errors_against_oracle(h, final, h_ref, final_ref, xs + state, refs + state_ref)
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
@@ -294,16 +300,11 @@ def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
         with torch.no_grad():  # forward only: the output pass without the backward's stats, the same h
             assert torch.equal(mlstm_chunkwise_triton(*xs, state=tuple(state), chunk_size=L)[0], h.detach())
         rep = NH // NKV
-        h_ref, (C_ref, n_ref, m_ref) = mlstm_chunkwise(
+        h_ref, final_ref = mlstm_chunkwise(
             refs[0], refs[1].repeat_interleave(rep, 1), refs[2].repeat_interleave(rep, 1), refs[3], refs[4],
             state=tuple(state_ref), chunk_size=L,
         )
-        dh = torch.randn_like(h_ref)
-        (h.double() * dh).sum().backward()
-        (h_ref * dh).sum().backward()
-    names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
-    errs = {"h": rel_err(h, h_ref), "C": rel_err(C, C_ref), "n": rel_err(n, n_ref), "m": rel_err(m, m_ref)}
-    errs |= {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs + state, refs + state_ref)}
+        errs = errors_against_oracle(h, (C, n, m), h_ref, final_ref, xs + state, refs + state_ref)
     assert all(e < TOL[dtype] for e in errs.values()), (configs, errs)
 
 
