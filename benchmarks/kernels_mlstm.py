@@ -7,8 +7,9 @@ choice) vs FLA
 and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sinks
 (kernels/swa.py) vs our Triton window + sinks (kernels/swa_triton.py, autotuned; its forward's relative
 error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error. "profile": each
-kernel's time inside ours and FLA, forward and fw+bw; "headline": ours and FLA's forward and fw+bw
-alone, and their ratios (neither in the default parts).
+kernel's time inside ours and FLA, forward and fw+bw; "launches": ours fw+bw launch by launch, in order;
+"headline": ours and FLA's forward and fw+bw alone, and their ratios (none of these three in the default
+parts).
 
     python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
@@ -177,10 +178,10 @@ def bench_attention(B, H, S, D) -> dict:
     return row
 
 
-def kernel_times(fn, grads=(), steps: int = 5) -> dict[str, float]:
-    """Mean µs per call of each CUDA kernel fn launches (fn warmed up first: no autotuning in the trace).
-    The tensors in grads get their .grad cleared before each call, as do_bench's grad_to_none does, so
-    that no gradient accumulation shows in the trace."""
+def _profiled(fn, grads, steps: int) -> torch.profiler.profile:
+    """steps calls of fn under the CUDA profiler (fn warmed up first: no autotuning in the trace). The
+    tensors in grads get their .grad cleared before each call, as do_bench's grad_to_none does, so that no
+    gradient accumulation shows in the trace."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -189,7 +190,24 @@ def kernel_times(fn, grads=(), steps: int = 5) -> dict[str, float]:
                 x.grad = None
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_times(fn, grads=(), steps: int = 5) -> dict[str, float]:
+    """Mean µs per call of each CUDA kernel fn launches, summed per kernel name."""
+    prof = _profiled(fn, grads, steps)
     return {e.key[:60]: round(e.device_time_total / steps, 1) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def launch_times(fn, grads=(), steps: int = 5) -> list[tuple[str, float]]:
+    """Each CUDA kernel one call of fn launches, in launch order, with its mean µs over steps calls: what
+    kernel_times sums per name (a kernel launched twice, e.g. a state pass per level, shows twice)."""
+    events = [e for e in _profiled(fn, grads, steps).events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_call = len(events) // steps
+    return [
+        (events[i].name[:60], round(sum(e.device_time for e in events[i::per_call]) / steps, 1))
+        for i in range(per_call)
+    ]
 
 
 def _ours_and_fla(B, H, S, D, measure, prefix: str) -> dict:
@@ -217,6 +235,12 @@ def bench_profile(B, H, S, D) -> dict:
     return _ours_and_fla(B, H, S, D, kernel_times, "profile_")
 
 
+def bench_launches(B, H, S, D) -> dict:
+    """Our fw+bw launch by launch (µs each, in order)."""
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+    return {"launches_ours_fwbw": launch_times(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)}
+
+
 def bench_headline(B, H, S, D) -> dict:
     """The goal's ratio alone (ms, and FLA / ours)."""
     row = _ours_and_fla(B, H, S, D, ms, "")
@@ -227,7 +251,7 @@ def bench_headline(B, H, S, D) -> dict:
 
 
 PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention,
-         "profile": bench_profile, "headline": bench_headline}
+         "profile": bench_profile, "launches": bench_launches, "headline": bench_headline}
 
 
 def main() -> None:
