@@ -119,7 +119,7 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # With at most TWO_LEVEL_MAX_HEADS sequences (B·NH), the state passes run as a scan over segments of
 # SUPER_CHUNK tokens (0: one level, sequential over chunks). Measured on an H200 (bf16, D = 64,
 # benchmarks/RESULTS-kernels.md run 8): at B·NH = 9 × 64K, fw+bw kernel time 896 µs with segments of 512
-# tokens (947 of 256, 897 of 1024) against 1,983 for the sequential pass over 256-token chunks this replaced;
+# tokens (947 with 256; 1,024 within 1 %) against 1,983 for the sequential pass over 256-token chunks before;
 # at B·NH = 72 × 8K, where the heads alone keep the GPU busy, one level ran fw+bw 1.36 ms against 1.81.
 SUPER_CHUNK = 512
 TWO_LEVEL_MAX_HEADS = 16
@@ -413,7 +413,7 @@ def _bwd_prep(
 
 
 @triton.jit
-def _coarse_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
+def _segment_dm(D, A, D2, A2, NC, NC2, R: tl.constexpr):
     """The chain dm_c = D_c + A_c · dm_{c+1} over the R chunks of one segment, composed into one step
     dm_start = D2 + A2 · dm_end (A is 0 or 1, so dm_start = Σ_j D_j Π_{i<j} A_i + Π A · dm_end).
     Grid (NC2, B*NH)."""
@@ -692,7 +692,7 @@ def _gates(i_pre, f_pre, NH: int, S: int, L: int):
     return ig, b, wk, M
 
 
-def _coarse_ratio(batch_heads: int, L: int) -> int:
+def _segment_ratio(batch_heads: int, L: int) -> int:
     """Chunks per segment of the two-level state passes; 1: one level."""
     return max(1, SUPER_CHUNK // L) if batch_heads <= TWO_LEVEL_MAX_HEADS else 1
 
@@ -750,7 +750,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         m_last = torch.empty(B, NH, device=dev, dtype=f32)
         final = (C_last, n_last, m_last)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = _coarse_ratio(BH, L)
+        R = _segment_ratio(BH, L)
         if NC > R > 1:
             # each segment of R chunks builds its own state from the empty one, a scan over segments composes
             # them, then each fills in its chunk states from its start state. Max-plus composition is
@@ -814,14 +814,14 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = _coarse_ratio(BH, L)
+        R = _segment_ratio(BH, L)
         if NC > R > 1:
             # as the forward: each segment's own share of the gradient at its start, a scan back over segments
             # (the stabilisers are known: linear throughout), then each segment fills in its chunks
             NC2 = triton.cdiv(NC, R)
             D2 = torch.empty(BH, NC2, device=q.device, dtype=torch.float32)
             A2 = torch.empty_like(D2)
-            _coarse_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
+            _segment_dm[(NC2, BH)](D, A, D2, A2, NC, NC2, R=R)
             loc = torch.empty(BH * NC2, DK * DV + DK, device=q.device, dtype=torch.float32)
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, loc, loc, loc, loc, loc, loc,
