@@ -16,7 +16,7 @@ import torch
 from xmerge.modeling.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 from xmerge.kernels import mlstm_chunkwise as mk  # noqa: E402
 from xmerge.kernels.mlstm_chunkwise import mlstm_chunkwise_triton  # noqa: E402
@@ -129,7 +129,7 @@ def test_mlstm_two_level_pass_matches_oracle(dtype, S, L):
     state, composed, then filled in per chunk): h and the final state against the fp64 oracle; grouped heads,
     an initial state, ragged tails at both levels."""
     B, NH, NKV, D = 1, 4, 2, 64
-    assert -(-S // L) > mk.SUPER_CHUNK // L  # more fine chunks than one coarse chunk holds
+    assert -(-S // L) > mk.SUPER_CHUNK // L  # more chunks than one segment holds
     q, _, _, i_pre, f_pre = mlstm_inputs(B, NH, S, D, D, dtype, seed=21)
     _, k, v, _, _ = mlstm_inputs(B, NKV, S, D, D, dtype, seed=22)
     g = torch.Generator(device="cuda").manual_seed(23)
