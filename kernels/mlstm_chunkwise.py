@@ -754,7 +754,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
         if NC > R > 1:
             # each segment of R chunks builds its own state from the empty one, a scan over segments composes
             # them, then each fills in its chunk states from its start state. Max-plus composition is
-            # associative, so the m sequence equals the one-level one up to rounding where segments meet
+            # associative, so the m sequence equals the one-level one up to rounding where segments meet (the
+            # backward's stabiliser routing compares with M, not with the stored m, for that reason)
             NC2 = triton.cdiv(NC, R)
             loc = torch.empty(BH * NC2, DK * DV + DK, device=dev, dtype=f32)
             m_loc = torch.empty(BH * NC2, device=dev, dtype=f32)
