@@ -697,6 +697,12 @@ def _segment_ratio(batch_heads: int, L: int) -> int:
     return max(1, SUPER_CHUNK // L) if batch_heads <= TWO_LEVEL_MAX_HEADS else 1
 
 
+def _scan_launch(dk: int, dv: int, L: int, R: int, batch_heads: int):
+    """Grid and meta-parameters of _fwd_scan / _bwd_scan: SCAN_BLOCK flat state values a program."""
+    grid = (triton.cdiv(dk * dv + dk, SCAN_BLOCK), batch_heads)
+    return grid, dict(DK=dk, DV=dv, L=L, RP=triton.next_power_of_2(R), U=SCAN_GROUP, BLOCK=SCAN_BLOCK)
+
+
 def _size_buckets(batch_heads: int, chunks: int) -> tuple[int, int]:
     # the tuning key's BH_LOG2, NC_LOG2: the kernels never read them
     return batch_heads.bit_length(), chunks.bit_length()
@@ -766,9 +772,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
             Cs2 = torch.empty(BH, NC2, DK, DV, device=dev, dtype=q.dtype)
             ns2 = torch.empty(BH, NC2, DK, device=dev, dtype=f32)
             ms2 = torch.empty(BH, NC2, device=dev, dtype=f32)
-            _fwd_scan[(triton.cdiv(DK * DV + DK, SCAN_BLOCK), BH)](
-                loc, m_loc, C0c, n0c, m0c, b, Cs2, ns2, ms2, *final, NC, NC2, S_pad, R, HAS_INIT=has_init,
-                DK=DK, DV=DV, L=L, RP=triton.next_power_of_2(R), U=SCAN_GROUP, BLOCK=SCAN_BLOCK,
+            grid, meta = _scan_launch(DK, DV, L, R, BH)
+            _fwd_scan[grid](
+                loc, m_loc, C0c, n0c, m0c, b, Cs2, ns2, ms2, *final, NC, NC2, S_pad, R, HAS_INIT=has_init, **meta,
             )
             _fwd_states[_state_grid(DK, DV, BH * NC2)](
                 k, v, b, wk, M, Cs2, ns2, ms2, Cs, ns, ms, *final, S, S_pad, NC, REP, NC2, R, NC2,
@@ -831,10 +837,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
             )
             dCs2 = torch.empty(BH, NC2 + 1, DK, DV, device=q.device, dtype=torch.float32)
             dns2, dms2 = torch.empty(BH, NC2 + 1, DK, device=q.device), torch.empty(BH, NC2 + 1, device=q.device)
-            _bwd_scan[(triton.cdiv(DK * DV + DK, SCAN_BLOCK), BH)](
-                loc, b, ms, D2, A2, dCs2, dns2, dms2, NC, NC2, S_pad, R,
-                DK=DK, DV=DV, L=L, RP=triton.next_power_of_2(R), U=SCAN_GROUP, BLOCK=SCAN_BLOCK,
-            )
+            grid, meta = _scan_launch(DK, DV, L, R, BH)
+            _bwd_scan[grid](loc, b, ms, D2, A2, dCs2, dns2, dms2, NC, NC2, S_pad, R, **meta)
             _bwd_states[_state_grid(DK, DV, BH * NC2)](
                 q, dh, b, ms, m_t, den, dqn, D, A, dCs2, dns2, dms2, dCs, dns, dms,
                 S, S_pad, NC, NC2, R, NC2 + 1, *_size_buckets(BH * NC2, R), HAS_END=True, STORE_CHUNKS=True, L=L,
