@@ -12,6 +12,8 @@ floor below any full step). Rows, all in one run, timed in CUDA graphs (median):
 - ``launched_pdl``: the same with programmatic dependent launch: each product's weights load while the
   product before it still runs, and only the activation read waits for it;
 - ``persistent``: the same chain in one persistent kernel, per program-count and warp choice;
+- ``persistent_prefetch``: a persistent kernel in which each program holds a fixed share of every phase's
+  rows and loads the next phase's weights before it waits at the barrier (the overlap PDL gives launches);
 - ``barriers``: the persistent kernel with no products (what the phases' barriers alone cost);
 - ``launches``: one empty kernel per phase in the graph (what a launch alone costs).
 
@@ -35,14 +37,24 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _grid_sync(counter, target):
-    """Wait until every program has arrived ``target`` counts in all; stores before it are visible after."""
+def _arrive(counter):
     tl.debug_barrier()  # all of this program's stores are issued before it arrives
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(counter, target):
     seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     while seen < target:
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def _grid_sync(counter, target):
+    """Wait until every program has arrived ``target`` counts in all; stores before it are visible after."""
+    _arrive(counter)
+    _wait(counter, target)
 
 
 @triton.jit
@@ -77,6 +89,82 @@ def _chain(
                     acc += tile.to(tl.float32) * xk[None, :]
                 tl.store(y_p + rows, tl.sum(acc, 1), mask=rows < N)
         _grid_sync(counter, (p + 1) * P)
+
+
+@triton.jit
+def _rows(N, R: tl.constexpr, BN: tl.constexpr):
+    """This program's R consecutive rows of an N-row phase, in a BN-row tile, and which are live."""
+    o = tl.arange(0, BN)
+    rows = tl.program_id(0) * R + o
+    return rows, (o < R) & (rows < N)
+
+
+@triton.jit
+def _tile(w, rows, live, KA: tl.constexpr, KB: tl.constexpr):
+    """Rows ``rows`` of a row-major (N, KA + KB) matrix as two column blocks (the K of the chain's products
+    are not powers of two: 576 = 512 + 64, 1536 = 1024 + 512)."""
+    base = w + rows[:, None] * (KA + KB)
+    a = tl.load(base + tl.arange(0, KA)[None, :], mask=live[:, None], other=0.0)
+    b = tl.load(base + KA + tl.arange(0, KB)[None, :], mask=live[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _rows_times(a, b, x, y, rows, live, KA: tl.constexpr, KB: tl.constexpr):
+    """y[rows] = [a b] · x[:KA + KB], x read past L1 (written by other programs)."""
+    xa = tl.load(x + tl.arange(0, KA), cache_modifier=".cg")
+    xb = tl.load(x + KA + tl.arange(0, KB), cache_modifier=".cg")
+    out = tl.sum(a.to(tl.float32) * xa[None, :], 1) + tl.sum(b.to(tl.float32) * xb[None, :], 1)
+    tl.store(y + rows, out, mask=live)
+
+
+@triton.jit
+def _prefetched_chain(
+    w, x, counter, LAYERS, P,
+    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr, BN3: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, IA: tl.constexpr, IB: tl.constexpr,
+):
+    """The chain of layer_shapes' four products per layer, each program holding R_j consecutive rows of
+    phase j, that loads the next phase's weight rows before it waits for this phase's input: the weight
+    stream of phase j + 1 overlaps the barrier and products of phase j.
+
+    Hidden size KA + KB (the first three products' K and the last's N), intermediate IA + IB (the last's K).
+    Activations in x as in Chain (slot 0 the input, then each phase's output in order); one counter
+    counts arrivals over the whole chain, so phase p of the chain waits for p·P of them.
+    """
+    H: tl.constexpr = KA + KB
+    W1: tl.constexpr = N0 * H
+    W2: tl.constexpr = W1 + N1 * H
+    W3: tl.constexpr = W2 + N2 * H
+    WL: tl.constexpr = W3 + N3 * (IA + IB)  # weights of a layer
+    SL: tl.constexpr = N0 + N1 + N2 + N3  # activations of a layer
+    r0, l0 = _rows(N0, R0, BN0)
+    r1, l1 = _rows(N1, R1, BN1)
+    r2, l2 = _rows(N2, R2, BN2)
+    r3, l3 = _rows(N3, R3, BN3)
+    a0, b0 = _tile(w, r0, l0, KA, KB)
+    for layer in range(LAYERS):
+        wl = w + layer * WL
+        y = x + H + layer * SL  # this layer's outputs; its input ends at y (the last layer's down output)
+        phase = 4 * layer
+        a1, b1 = _tile(wl + W1, r1, l1, KA, KB)
+        _wait(counter, phase * P)
+        _rows_times(a0, b0, y - H, y, r0, l0, KA, KB)
+        _arrive(counter)
+        a2, b2 = _tile(wl + W2, r2, l2, KA, KB)
+        _wait(counter, (phase + 1) * P)
+        _rows_times(a1, b1, y, y + N0, r1, l1, KA, KB)
+        _arrive(counter)
+        a3, b3 = _tile(wl + W3, r3, l3, IA, IB)
+        _wait(counter, (phase + 2) * P)
+        _rows_times(a2, b2, y + N0, y + N0 + N1, r2, l2, KA, KB)
+        _arrive(counter)
+        a0, b0 = _tile(wl + WL, r0, l0 & (layer + 1 < LAYERS), KA, KB)  # the next layer's first product
+        _wait(counter, (phase + 3) * P)
+        _rows_times(a3, b3, y + N0 + N1, y + N0 + N1 + N2, r3, l3, IA, IB)
+        _arrive(counter)
 
 
 @triton.jit
@@ -144,6 +232,25 @@ class Chain:
             _chain[(programs,)](
                 self.flat, self.acts, self.counter, self.w_offsets, self.n_rows, self.k_cols, self.y_offsets,
                 len(self.shapes), programs, BN=block_rows, BK=block_cols, WORK=work, num_warps=num_warps,
+            )
+
+        return run
+
+    def prefetched(self, programs: int, num_warps: int):
+        """The chain in _prefetched_chain: each phase's rows spread evenly over ``programs``."""
+        (n0, hidden), (n1, _), (n2, _), (n3, inter) = self.shapes[:4]
+        split = lambda k: (1 << (k.bit_length() - 1), k - (1 << (k.bit_length() - 1)))  # noqa: E731
+        (ka, kb), (ia, ib) = split(hidden), split(inter)
+        if min(kb, ib) < 1 or kb & (kb - 1) or ib & (ib - 1):
+            raise ValueError(f"hidden {hidden} and intermediate {inter} must be sums of two powers of two")
+        per = [triton.cdiv(n, programs) for n in (n0, n1, n2, n3)]
+        meta = {f"R{j}": r for j, r in enumerate(per)} | {f"BN{j}": triton.next_power_of_2(r) for j, r in enumerate(per)}
+
+        def run():
+            self.counter.zero_()
+            _prefetched_chain[(programs,)](
+                self.flat, self.acts, self.counter, len(self.shapes) // 4, programs, N0=n0, N1=n1, N2=n2, N3=n3,
+                KA=ka, KB=kb, IA=ia, IB=ib, **meta, num_warps=num_warps,
             )
 
         return run
@@ -237,6 +344,7 @@ def main() -> None:
             for bn in map(int, args.block_rows.split(",")):
                 rows.append(checked("persistent", chain.persistent(p, bn, warps), programs=p, num_warps=warps,
                                     block_rows=bn))
+            rows.append(checked("persistent_prefetch", chain.prefetched(p, warps), programs=p, num_warps=warps))
     meta = {"device": torch.cuda.get_device_name(), "sms": sms, "triton": triton.__version__,
             "dims": [layers, hidden, proj, inter], "phases": len(chain.shapes),
             "weight_bytes": chain.weight_bytes, "bound_us": bound_us, "hbm_tb_s": args.hbm_tb_s}
