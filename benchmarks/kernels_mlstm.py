@@ -8,8 +8,8 @@ and mlstm_kernels ``xl_chunk`` when importable. SWA: FlexAttention window + sink
 (kernels/swa.py) vs our Triton window + sinks (kernels/swa_triton.py, autotuned; its forward's relative
 error vs Flex) vs SDPA causal. Anchors that fail are recorded with their error. "profile": each
 kernel's time inside ours and FLA, forward and fw+bw; "launches": ours fw+bw launch by launch, in order;
-"headline": ours and FLA's forward and fw+bw alone, and their ratios (none of these three in the default
-parts).
+"headline": ours and FLA's forward and fw+bw alone, and their ratios; "levels": one level of state passes
+against two, wall and kernel time (none of these four in the default parts).
 
     python benchmarks/kernels_mlstm.py --out results.json [--shape 1,32,65536,128 ...] [--parts ours,fla]
 """
@@ -62,13 +62,13 @@ def mlstm_inputs(B, H, S, D, requires_grad=False):
 
 @contextmanager
 def levels(two: bool):
-    """Force one or two levels of state passes (the shipped choice depends on B·NH), for comparison."""
-    saved = mk.TWO_LEVEL_MAX_HEADS
-    mk.TWO_LEVEL_MAX_HEADS = 2**31 if two else 0
+    """Force one or two levels of state passes (the shipped choice depends on B·NH and the length)."""
+    saved = mk.TWO_LEVEL_MAX_HEADS, mk.TWO_LEVEL_MIN_TOKENS
+    mk.TWO_LEVEL_MAX_HEADS, mk.TWO_LEVEL_MIN_TOKENS = (2**31, 0) if two else (0, 2**62)
     try:
         yield
     finally:
-        mk.TWO_LEVEL_MAX_HEADS = saved
+        mk.TWO_LEVEL_MAX_HEADS, mk.TWO_LEVEL_MIN_TOKENS = saved
 
 
 def fw_bw(fn, xs):
@@ -250,8 +250,25 @@ def bench_headline(B, H, S, D) -> dict:
     return row
 
 
+def bench_levels(B, H, S, D) -> dict:
+    """One level of state passes against two, forward and fw+bw: wall ms (where the host's launches bound a
+    call, they show here) and the kernels' µs."""
+    xs = mlstm_inputs(B, H, S, D, requires_grad=True)
+    row = {}
+    for two, name in ((False, "one_level"), (True, "two_level")):
+        with levels(two):
+            with torch.no_grad():
+                fw = lambda: mlstm_chunkwise_triton(*xs)  # noqa: E731
+                row[f"{name}_fw_ms"] = ms(fw)
+                row[f"{name}_fw_kernel_us"] = round(sum(kernel_times(fw).values()), 1)
+            step = fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs)
+            row[f"{name}_fwbw_ms"] = ms(step, xs)
+            row[f"{name}_fwbw_kernel_us"] = round(sum(kernel_times(step, xs).values()), 1)
+    return row
+
+
 PARTS = {"ours": bench_ours, "fla": bench_fla, "xl": bench_xl_chunk, "attention": bench_attention,
-         "profile": bench_profile, "launches": bench_launches, "headline": bench_headline}
+         "profile": bench_profile, "launches": bench_launches, "headline": bench_headline, "levels": bench_levels}
 
 
 def main() -> None:

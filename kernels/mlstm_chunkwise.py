@@ -11,7 +11,7 @@ per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass ov
 carries the stabiliser and materialises the state at every chunk start, then one program per
 few consecutive chunks for their outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel),
 a reverse pass for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
-With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and past SUPER_CHUNK tokens, both sequential passes become a
+With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and long sequences (TWO_LEVEL_MIN_TOKENS), both sequential passes become a
 chunk-parallel scan over segments of SUPER_CHUNK tokens: each segment builds its own state (or state
 gradient) from zero, one program per segment; a scan over segments composes them, which is elementwise once
 the stabiliser is known, U segments a step; then each segment fills in its chunks from its start.
@@ -121,8 +121,15 @@ TUNING_KEY = ["DK", "DV", "L", "BH_LOG2", "NC_LOG2"]
 # benchmarks/RESULTS-kernels.md run 8): at B·NH = 9 × 64K, fw+bw kernel time 896 µs with segments of 512
 # tokens (947 with 256; 1,024 within 1 %) against 1,983 for the sequential pass over 256-token chunks before;
 # at B·NH = 72 × 8K, where the heads alone keep the GPU busy, one level ran fw+bw 1.36 ms against 1.81.
+# Below TWO_LEVEL_MIN_TOKENS one level runs whatever B·NH: there a call is bound by the host's launches (two
+# levels launch 5 kernels forward and 6 backward, one level 3 and 3). At (1, 9, S, 64), bf16 (run 9,
+# `kernels_mlstm.py --parts levels`): one level's forward took 0.17 / 0.35 ms wall at 4K / 16K against 0.51 /
+# 0.72, fw+bw 1.46 / 1.72 against 2.07 / 3.07, although its kernels run longer (forward 43 against 33 µs at
+# 4K, 161 against 73 at 16K). From 32K the student's prefill is GPU-bound (its compiled regions start there
+# too), so there the shorter kernels count.
 SUPER_CHUNK = 512
 TWO_LEVEL_MAX_HEADS = 16
+TWO_LEVEL_MIN_TOKENS = 32768
 # The scan over segments: SCAN_GROUP segments a step (one (U, U) product), SCAN_BLOCK state values a program.
 SCAN_GROUP = 16
 SCAN_BLOCK = 64
@@ -692,9 +699,11 @@ def _gates(i_pre, f_pre, NH: int, S: int, L: int):
     return ig, b, wk, M
 
 
-def _segment_ratio(batch_heads: int, L: int) -> int:
+def _segment_ratio(batch_heads: int, tokens: int, L: int) -> int:
     """Chunks per segment of the two-level state passes; 1: one level."""
-    return max(1, SUPER_CHUNK // L) if batch_heads <= TWO_LEVEL_MAX_HEADS else 1
+    if batch_heads > TWO_LEVEL_MAX_HEADS or tokens < TWO_LEVEL_MIN_TOKENS:
+        return 1
+    return max(1, SUPER_CHUNK // L)
 
 
 def _scan_launch(dk: int, dv: int, L: int, R: int, batch_heads: int):
@@ -756,7 +765,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         m_last = torch.empty(B, NH, device=dev, dtype=f32)
         final = (C_last, n_last, m_last)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = _segment_ratio(BH, L)
+        R = _segment_ratio(BH, S, L)
         if NC > R > 1:
             # each segment of R chunks builds its own state from the empty one, a scan over segments composes
             # them, then each fills in its chunk states from its start state. Max-plus composition is
@@ -821,7 +830,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         dCs, dns, dms = torch.empty_like(Cs), torch.empty_like(ns), torch.empty_like(ms)
         consts = dict(DK=DK, DV=DV, PREC=prec)
-        R = _segment_ratio(BH, L)
+        R = _segment_ratio(BH, S, L)
         if NC > R > 1:
             # as the forward: each segment's own share of the gradient at its start, a scan back over segments
             # (the stabilisers are known: linear throughout), then each segment fills in its chunks

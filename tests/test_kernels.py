@@ -55,6 +55,20 @@ def errors_against_oracle(h, h_ref, xs, refs, final=(), final_ref=()) -> dict[st
     return errs | {f"d{name}": rel_err(x.grad, r.grad) for name, x, r in zip(names, xs, refs)}
 
 
+@pytest.fixture
+def two_levels_at_any_length(monkeypatch):
+    """The two-level tests use short sequences: take two levels below TWO_LEVEL_MIN_TOKENS too."""
+    monkeypatch.setattr(mk, "TWO_LEVEL_MIN_TOKENS", 0)
+
+
+def test_mlstm_two_levels_only_for_few_sequences_and_long_ones():
+    """One level wherever the launches' host time bounds a call: many sequences, or short ones."""
+    L = 64
+    assert mk._segment_ratio(9, mk.TWO_LEVEL_MIN_TOKENS, L) == mk.SUPER_CHUNK // L > 1
+    assert mk._segment_ratio(9, mk.TWO_LEVEL_MIN_TOKENS - 1, L) == 1
+    assert mk._segment_ratio(mk.TWO_LEVEL_MAX_HEADS + 1, 2 * mk.TWO_LEVEL_MIN_TOKENS, L) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B,NH,S,DK,DV,L",
@@ -101,7 +115,8 @@ def _parallel_m_detached(q, k, v, i_pre, f_pre, eps=1e-6):
     return (scores @ v) / den.unsqueeze(-1)
 
 
-@pytest.mark.parametrize("S,cut", [(230, 77), (700, 300)])  # the second: both pieces take the two-level pass
+@pytest.mark.usefixtures("two_levels_at_any_length")
+@pytest.mark.parametrize("S,cut", [(230, 77), (1300, 600)])  # the second: both pieces exceed a segment (two levels)
 def test_mlstm_state_passing_prefill_then_decode(S, cut):
     """Kernel prefill in two pieces (not on chunk boundaries), then oracle decode steps == one long run."""
     B, NH, D, steps = 2, 3, 64, 6
@@ -117,6 +132,7 @@ def test_mlstm_state_passing_prefill_then_decode(S, cut):
     assert rel_err(torch.cat(outs, dim=-2), h_long) < TOL[torch.float32]
 
 
+@pytest.mark.usefixtures("two_levels_at_any_length")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("S,L", [(600, 64), (555, 16), (1000, 64)])
 def test_mlstm_two_level_pass_matches_oracle(dtype, S, L):
@@ -138,6 +154,7 @@ def test_mlstm_two_level_pass_matches_oracle(dtype, S, L):
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
+@pytest.mark.usefixtures("two_levels_at_any_length")
 @pytest.mark.parametrize(  # the last: large gates and sharp features make eps·exp(m) matter (fp32 sees it)
     "dtype,i_scale,sharpness", [(torch.float32, 3.0, 1.0), (torch.bfloat16, 3.0, 1.0), (torch.float32, 12.0, 5.0)]
 )
@@ -157,6 +174,7 @@ def test_mlstm_two_level_pass_gradients_match_oracle(dtype, i_scale, sharpness):
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
+@pytest.mark.usefixtures("two_levels_at_any_length")
 @pytest.mark.parametrize("dtype,init", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_mlstm_segment_scan_over_several_groups(monkeypatch, dtype, init):
     """Segments of two chunks: 35 segments, so the scan composes three groups of SCAN_GROUP (the last ragged)
@@ -256,6 +274,7 @@ def test_mlstm_stabiliser_gradient_through_the_chunk_chain_and_initial_state():
 
 
 # 4 chunks; 38 chunks: both state passes at two levels (R = 32: a scan over two segments)
+@pytest.mark.usefixtures("two_levels_at_any_length")
 @pytest.mark.parametrize("S,dtype", [(53, torch.float32), (600, torch.float32), (600, torch.bfloat16)])
 @pytest.mark.parametrize("index", range(max(len(configs) for configs in mk.TUNED.values())))
 def test_mlstm_every_launch_config_matches_oracle(index, S, dtype):
@@ -304,7 +323,7 @@ def test_mlstm_tuning_key_buckets_batch_heads_and_chunk_count():
     assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
     run(1, 3, 150)  # B·NH 3, 3 chunks: the same buckets
     assert [len(kernel.cache) for kernel in mk.TUNED] == [1] * 4
-    run(1, 2, 250)  # 4 chunks: the next bucket (still one level: more than SUPER_CHUNK / 64 chunks take two)
+    run(1, 2, 250)  # 4 chunks: the next bucket (one level, as every length below TWO_LEVEL_MIN_TOKENS)
     assert [len(kernel.cache) for kernel in mk.TUNED] == [2] * 4
 
 
