@@ -147,7 +147,7 @@ def _prefetched_chain(
     a0, b0 = _tile(w, r0, l0, KA, KB)
     for layer in range(LAYERS):
         wl = w + layer * WL
-        y = x + H + layer * SL  # this layer's outputs; its input ends at y (the last layer's down output)
+        y = x + H + layer * SL  # this layer's outputs; its input, y - H, is the layer before's down output
         phase = 4 * layer
         a1, b1 = _tile(wl + W1, r1, l1, KA, KB)
         _wait(counter, phase * P)
@@ -243,8 +243,10 @@ class Chain:
         (ka, kb), (ia, ib) = split(hidden), split(inter)
         if min(kb, ib) < 1 or kb & (kb - 1) or ib & (ib - 1):
             raise ValueError(f"hidden {hidden} and intermediate {inter} must be sums of two powers of two")
-        per = [triton.cdiv(n, programs) for n in (n0, n1, n2, n3)]
-        meta = {f"R{j}": r for j, r in enumerate(per)} | {f"BN{j}": triton.next_power_of_2(r) for j, r in enumerate(per)}
+        meta = {}
+        for j, n in enumerate((n0, n1, n2, n3)):
+            meta[f"R{j}"] = triton.cdiv(n, programs)
+            meta[f"BN{j}"] = triton.next_power_of_2(meta[f"R{j}"])
 
         def run():
             self.counter.zero_()

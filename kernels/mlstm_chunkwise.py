@@ -11,10 +11,11 @@ per chunk (log σ, in-chunk cumsum, key weights; parallel), a sequential pass ov
 carries the stabiliser and materialises the state at every chunk start, then one program per
 few consecutive chunks for their outputs. Backward: ∂L/∂(qᵀn) and ∂L/∂m per position (parallel),
 a reverse pass for the state gradients, then one program per chunk for dq, dk, dv, dĩ and df̃.
-With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and long sequences (TWO_LEVEL_MIN_TOKENS), both sequential passes become a
-chunk-parallel scan over segments of SUPER_CHUNK tokens: each segment builds its own state (or state
-gradient) from zero, one program per segment; a scan over segments composes them, which is elementwise once
-the stabiliser is known, U segments a step; then each segment fills in its chunks from its start.
+With few heads (B·NH <= TWO_LEVEL_MAX_HEADS) and long sequences (from TWO_LEVEL_MIN_TOKENS), both
+sequential passes become a chunk-parallel scan over segments of SUPER_CHUNK tokens: each segment builds its
+own state (or state gradient) from zero, one program per segment; a scan over segments composes them, which
+is elementwise once the stabiliser is known, U segments a step; then each segment fills in its chunks from
+its start.
 
 Gradients are exact, including the path through the stabiliser: all stabilisers cancel from
 h except in ``eps · exp(m_t)``, so the kernels hold m fixed for everything else and route

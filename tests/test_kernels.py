@@ -116,7 +116,7 @@ def _parallel_m_detached(q, k, v, i_pre, f_pre, eps=1e-6):
 
 
 @pytest.mark.usefixtures("two_levels_at_any_length")
-@pytest.mark.parametrize("S,cut", [(230, 77), (1300, 600)])  # the second: both pieces exceed a segment (two levels)
+@pytest.mark.parametrize("S,cut", [(230, 77), (1300, 600)])  # the second: both pieces take two levels
 def test_mlstm_state_passing_prefill_then_decode(S, cut):
     """Kernel prefill in two pieces (not on chunk boundaries), then oracle decode steps == one long run."""
     B, NH, D, steps = 2, 3, 64, 6
