@@ -88,11 +88,7 @@ def bench_ours(B, H, S, D) -> dict:
         h_ref, _ = mlstm_chunkwise(*[x.float() for x in xs], chunk_size=64)
         row["ours_fw_relerr_vs_fp32_oracle"] = ((h.float() - h_ref).norm() / h_ref.norm()).item()
     row["ours_fwbw"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
-    for two, name in ((False, "one_level"), (True, "two_level")):
-        with levels(two):
-            with torch.no_grad():
-                row[f"ours_fw_{name}"] = ms(lambda: mlstm_chunkwise_triton(*xs))
-            row[f"ours_fwbw_{name}"] = ms(fw_bw(lambda *a: mlstm_chunkwise_triton(*a)[0], xs), xs)
+    row |= bench_levels(B, H, S, D)
     with torch.no_grad():
         row["ours_fw_c128"] = attempt(lambda: mlstm_chunkwise_triton(*xs, chunk_size=128))
     row["ours_fwbw_c128"] = attempt(fw_bw(lambda *a: mlstm_chunkwise_triton(*a, chunk_size=128)[0], xs), xs)
